@@ -1,0 +1,1 @@
+"""Engines that compute masked scores. They know nothing of Pyro traces."""

@@ -1,0 +1,178 @@
+"""The ``masked`` effect handler: observed sites scored by their masked log density.
+
+The handler swaps the distribution of each chosen observed site for a thin wrapper whose
+``log_prob`` is :func:`~pyro_masked.masked_log_prob`. Pyro's own ``compute_log_prob`` then
+applies plate scaling, ``poutine.mask`` and caching as for any site, so the handler composes
+with ``Trace_ELBO``, ``TraceGraph_ELBO``, ``TraceEnum_ELBO``, ``RenyiELBO`` and ``Predictive``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from pyro.distributions import TorchDistribution
+from pyro.poutine.messenger import Messenger
+
+from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
+from pyro_masked.scoring import (
+    SUPPORTED_DISTRIBUTIONS,
+    NumMasks,
+    _masked_log_prob,
+    check_num_masks,
+    is_supported,
+)
+
+__all__ = ["MaskedMessenger", "MaskedScore", "masked"]
+
+
+class MaskedScore(TorchDistribution):
+    """A distribution that samples like ``base`` and scores like its masked estimate.
+
+    :param base: the site's distribution.
+    :param schedule: the mask schedule.
+    :param num_masks: permutations averaged, or ``"all"``.
+    :param site: the site's name, for error messages.
+    """
+
+    arg_constraints = {}
+
+    def __init__(
+        self,
+        base: TorchDistribution,
+        schedule: MaskSchedule,
+        num_masks: NumMasks,
+        site: str = "?",
+    ):
+        self.base_dist = base
+        self.schedule = schedule
+        self.num_masks = num_masks
+        self.site = site
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base_dist.support
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base_dist.has_rsample
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.base_dist.mean
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.base_dist.variance
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.base_dist.sample(sample_shape)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.base_dist.rsample(sample_shape)
+
+    def expand(self, batch_shape, _instance=None) -> MaskedScore:
+        return MaskedScore(
+            self.base_dist.expand(batch_shape), self.schedule, self.num_masks, self.site
+        )
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        try:
+            return _masked_log_prob(self.base_dist, value, self.schedule, self.num_masks)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"masked site '{self.site}': {error}") from error
+
+
+class MaskedMessenger(Messenger):
+    """Score the chosen observed sites by their masked log density.
+
+    :param mask: ``"cumulative"``, an int mask size, a float rate or a
+        :class:`~pyro_masked.masks.MaskSchedule`.
+    :param num_masks: random permutations averaged per site, or ``"all"``.
+    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
+    """
+
+    def __init__(
+        self,
+        mask: MaskLike = "cumulative",
+        num_masks: NumMasks = 1,
+        sites: Optional[Iterable[str]] = None,
+    ):
+        super().__init__()
+        self.schedule = as_schedule(mask)
+        self.num_masks = check_num_masks(num_masks)
+        if isinstance(sites, str):
+            raise TypeError(f"sites must be a list of site names, got the string {sites!r}")
+        self.sites = None if sites is None else frozenset(sites)
+        self._seen: set[str] = set()
+
+    def __enter__(self):
+        self._seen = set()
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        result = super().__exit__(exc_type, exc_value, traceback)
+        if exc_type is None and self.sites is not None:
+            missing = sorted(self.sites - self._seen)
+            if missing:
+                raise ValueError(
+                    f"sites={sorted(self.sites)} names {missing}, which the model did not "
+                    "sample as observed sites"
+                )
+        return result
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if not msg["is_observed"] or (self.sites is not None and name not in self.sites):
+            return
+        if isinstance(msg["fn"], MaskedScore):  # already wrapped by an outer handler
+            return
+        self._seen.add(name)
+        fn = msg["fn"]
+        if not is_supported(fn):
+            hint = (
+                "leave it unmasked by listing only the sites to mask in sites=[...]"
+                if self.sites is None
+                else "remove it from sites=[...] to score it by its ordinary log_prob"
+            )
+            raise TypeError(
+                f"observed site '{name}' has a {type(fn).__name__} distribution, which has no "
+                f"masked conditionals; supported are {SUPPORTED_DISTRIBUTIONS}. To {hint}."
+            )
+        value = msg["value"]
+        if not torch.isfinite(value).all():
+            raise ValueError(f"observed site '{name}': the observed value has NaN or inf entries")
+        if len(fn.event_shape) > 0:
+            try:
+                self.schedule.validate(fn.event_shape.numel())
+            except ValueError as error:
+                raise ValueError(f"observed site '{name}': {error}") from error
+        msg["fn"] = MaskedScore(fn, self.schedule, self.num_masks, name)
+
+
+def masked(
+    fn: Optional[Callable] = None,
+    mask: MaskLike = "cumulative",
+    num_masks: NumMasks = 1,
+    sites: Optional[Iterable[str]] = None,
+):
+    """Effect handler: the model with its observed sites scored by masked pre-training.
+
+    Each chosen observed site's ``log_prob`` becomes
+    :func:`~pyro_masked.masked_log_prob` of its distribution (latent sites are unchanged), so
+    any Pyro objective run on ``masked(model)`` uses the masked scores::
+
+        loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+            masked(model, mask=0.15), guide, data)
+
+    Usable as a decorator, a function wrapper or a context manager (``with masked(): ...``).
+
+    :param fn: the model (a stochastic function); omit it to get the handler itself.
+    :param mask: ``"cumulative"``, an int mask size, a float rate or a
+        :class:`~pyro_masked.masks.MaskSchedule`.
+    :param num_masks: random permutations averaged per site, or ``"all"``.
+    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
+    """
+    messenger = MaskedMessenger(mask=mask, num_masks=num_masks, sites=sites)
+    return messenger(fn) if fn is not None else messenger

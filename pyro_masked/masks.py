@@ -1,0 +1,216 @@
+"""Mask schedules: which mask sizes a masked score averages over, and with what weight.
+
+A schedule is a probability distribution :math:`\\pi(m)` over the mask sizes
+:math:`m = 1, \\dots, D`. The masked estimate it defines is
+
+.. math::
+
+    \\widehat{\\log p}(x) = D \\sum_{m=1}^{D} \\pi(m)\\, S(x; m),
+    \\qquad
+    S(x; m) = \\mathbb{E}_{|M| = m}\\Big[\\frac{1}{m} \\sum_{j \\in M}
+    \\log p(x_j \\mid x_{-M})\\Big],
+
+so that the uniform distribution over sizes (:class:`Cumulative`) recovers the log marginal
+likelihood :math:`\\log p(x) = \\sum_m S(x; m)` exactly in expectation, and a point mass at
+``m`` (:class:`FixedSize`, :class:`FixedRate`) gives the biased :math:`D\\, S(x; m)` of
+fixed-rate masked pre-training. The weights :math:`w_m = D\\,\\pi(m)` always sum to ``D``.
+
+References:
+
+- E. Fong, C. C. Holmes, "On the marginal likelihood and cross-validation", Biometrika 2020.
+- P. Moreno-Muñoz, P. Garcia Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
+  Likelihood", NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Union
+
+import torch
+
+__all__ = [
+    "Cumulative",
+    "FixedRate",
+    "FixedSize",
+    "MaskSchedule",
+    "SizeWeights",
+    "as_schedule",
+]
+
+
+class MaskSchedule:
+    """Base class of mask schedules: a distribution over mask sizes ``1..D``.
+
+    Subclasses implement :meth:`size_probs`. :meth:`size_weights` and :meth:`context_weights`
+    turn it into the weights the conditional engines use.
+    """
+
+    def size_probs(self, event_size: int) -> torch.Tensor:
+        """Probabilities :math:`\\pi(m)` of mask sizes ``m = 1..event_size``, shape ``(D,)``."""
+        raise NotImplementedError
+
+    def size_weights(
+        self, event_size: int, dtype: torch.dtype = torch.float64, device=None
+    ) -> torch.Tensor:
+        """Weights :math:`w_m = D\\,\\pi(m)` on :math:`S(x; m)`, entry ``m - 1`` for size ``m``."""
+        probs = self.size_probs(event_size).to(dtype=dtype, device=device)
+        return event_size * probs
+
+    def context_weights(
+        self, event_size: int, dtype: torch.dtype = torch.float64, device=None
+    ) -> torch.Tensor:
+        """Weight of each hidden coordinate's log predictive given a context of ``k`` coordinates.
+
+        A mask of size ``m`` leaves a context of ``k = D - m`` visible coordinates and averages
+        its ``m`` hidden coordinates, so entry ``k`` is :math:`c_k = w_{D-k} / (D - k)`,
+        for ``k = 0..D-1``.
+        """
+        weights = self.size_weights(event_size, dtype, device)
+        sizes = torch.arange(event_size, 0, -1, dtype=dtype, device=device)
+        return weights.flip(0) / sizes
+
+    def sizes(self, event_size: int) -> list[int]:
+        """The mask sizes with non-zero weight."""
+        probs = self.size_probs(event_size)
+        return [m + 1 for m in torch.nonzero(probs > 0).flatten().tolist()]
+
+    def validate(self, event_size: int) -> None:
+        """Raise ``ValueError`` if the schedule cannot be used for an event of this size."""
+        self.size_probs(event_size)
+
+
+class Cumulative(MaskSchedule):
+    """Every mask size ``1..D`` with equal weight: an unbiased estimate of :math:`\\log p(x)`."""
+
+    def size_probs(self, event_size: int) -> torch.Tensor:
+        return torch.full((event_size,), 1.0 / event_size, dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        return "Cumulative()"
+
+
+class FixedSize(MaskSchedule):
+    """A single mask size ``m``; the estimate is :math:`D\\, S(x; m)`.
+
+    :param int size: the number of hidden coordinates, ``1 <= size <= D``.
+    """
+
+    def __init__(self, size: int):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"mask size must be an int, got {size!r}")
+        if size < 1:
+            raise ValueError(f"mask size must be >= 1, got {size}")
+        self.size = int(size)
+
+    def size_probs(self, event_size: int) -> torch.Tensor:
+        if self.size > event_size:
+            raise ValueError(
+                f"mask size {self.size} is outside 1..{event_size} for an event of size {event_size}"
+            )
+        probs = torch.zeros(event_size, dtype=torch.float64)
+        probs[self.size - 1] = 1.0
+        return probs
+
+    def __repr__(self) -> str:
+        return f"FixedSize({self.size})"
+
+
+class FixedRate(MaskSchedule):
+    """A fixed masking rate: mask size :math:`\\max(1, \\mathrm{round}(\\text{rate}\\cdot D))`.
+
+    BERT's 15% is ``FixedRate(0.15)``. The estimate is :math:`D\\, S(x; m)`, biased for
+    :math:`\\log p(x)`.
+
+    :param float rate: the fraction of coordinates hidden, in ``(0, 1)``.
+    """
+
+    def __init__(self, rate: float):
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise TypeError(f"mask rate must be a float, got {rate!r}")
+        if not 0.0 < rate < 1.0 or math.isnan(rate):
+            raise ValueError(f"mask rate must lie in (0, 1), got {rate}")
+        self.rate = float(rate)
+
+    def mask_size(self, event_size: int) -> int:
+        return min(event_size, max(1, round(self.rate * event_size)))
+
+    def size_probs(self, event_size: int) -> torch.Tensor:
+        probs = torch.zeros(event_size, dtype=torch.float64)
+        probs[self.mask_size(event_size) - 1] = 1.0
+        return probs
+
+    def __repr__(self) -> str:
+        return f"FixedRate({self.rate})"
+
+
+class SizeWeights(MaskSchedule):
+    """Custom probabilities over mask sizes.
+
+    :param probs: either a callable ``D -> tensor of shape (D,)`` of non-negative weights over
+        sizes ``1..D``, or a fixed 1-D tensor/sequence of them (then ``D`` must match). Weights
+        are normalised to sum to one.
+
+    Example: ``SizeWeights(lambda D: torch.ones(D))`` is a uniformly random size (the same
+    expectation as :class:`Cumulative`), and ``SizeWeights(lambda D: torch.arange(D, 0, -1))``
+    favours small masks.
+    """
+
+    def __init__(self, probs: Union[Callable[[int], torch.Tensor], torch.Tensor, list]):
+        self._probs = probs if callable(probs) else torch.as_tensor(probs, dtype=torch.float64)
+        if not callable(probs):
+            self._check(self._probs, self._probs.numel())
+
+    @staticmethod
+    def _check(probs: torch.Tensor, event_size: int) -> torch.Tensor:
+        if probs.shape != (event_size,):
+            raise ValueError(
+                f"SizeWeights: expected {event_size} weights (one per mask size), "
+                f"got shape {tuple(probs.shape)}"
+            )
+        if not torch.isfinite(probs).all() or (probs < 0).any():
+            raise ValueError("SizeWeights: weights must be finite and non-negative")
+        total = probs.sum()
+        if total <= 0:
+            raise ValueError("SizeWeights: weights must not all be zero")
+        return probs / total
+
+    def size_probs(self, event_size: int) -> torch.Tensor:
+        probs = self._probs(event_size) if callable(self._probs) else self._probs
+        probs = torch.as_tensor(probs, dtype=torch.float64).detach().cpu()
+        return self._check(probs, event_size)
+
+    def __repr__(self) -> str:
+        return f"SizeWeights({self._probs!r})"
+
+
+MaskLike = Union[str, int, float, MaskSchedule]
+
+
+def as_schedule(mask: MaskLike) -> MaskSchedule:
+    """Turn the ``mask`` argument of the public API into a :class:`MaskSchedule`.
+
+    ``"cumulative"`` gives :class:`Cumulative`, an ``int`` a :class:`FixedSize`, a ``float`` in
+    ``(0, 1)`` a :class:`FixedRate`; a schedule is returned as it is.
+    """
+    if isinstance(mask, MaskSchedule):
+        return mask
+    if isinstance(mask, str):
+        if mask == "cumulative":
+            return Cumulative()
+        raise ValueError(
+            f"mask={mask!r} is not understood: use 'cumulative', an int size, "
+            "a float rate in (0, 1) or a pyro_masked.masks.MaskSchedule"
+        )
+    if isinstance(mask, bool):
+        raise TypeError(
+            f"mask must be 'cumulative', an int, a float or a MaskSchedule, got {mask!r}"
+        )
+    if isinstance(mask, numbers.Integral):
+        return FixedSize(int(mask))
+    if isinstance(mask, numbers.Real):
+        return FixedRate(float(mask))
+    raise TypeError(
+        f"mask must be 'cumulative', an int, a float or a MaskSchedule, got {type(mask).__name__}"
+    )

@@ -21,8 +21,9 @@ class MaskedELBO(Trace_ELBO):
 
     .. math::
 
-        \\mathcal{L} = \\mathbb{E}_{q(z)}\\Big[\\sum_{\\text{obs } s} \\widehat{\\log p}(x_s \\mid z)
-            + \\log p(z) - \\log q(z)\\Big],
+        \\mathcal{L} = \\mathbb{E}_{q(z)}\\Big[
+            \\sum_{\\text{obs } s} \\widehat{\\log p}(x_s \\mid z) + \\log p(z) - \\log q(z)
+        \\Big],
 
     where :math:`\\widehat{\\log p}` is :func:`~pyro_masked.masked_log_prob` of each masked
     observed site: :math:`\\sum_m w_m S(x; m)` over its event coordinates. With

@@ -107,7 +107,8 @@ class FixedSize(MaskSchedule):
     def size_probs(self, event_size: int) -> torch.Tensor:
         if self.size > event_size:
             raise ValueError(
-                f"mask size {self.size} is outside 1..{event_size} for an event of size {event_size}"
+                f"mask size {self.size} is outside 1..{event_size} (the event has {event_size} "
+                "coordinates)"
             )
         probs = torch.zeros(event_size, dtype=torch.float64)
         probs[self.size - 1] = 1.0

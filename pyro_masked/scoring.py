@@ -126,7 +126,8 @@ def _masked_log_prob(d, value, schedule, num_masks) -> torch.Tensor:
     gaussian = _gaussian_parts(d)
     if gaussian is None:
         raise UnsupportedDistributionError(
-            f"{type(d).__name__} has no masked conditionals; supported are {SUPPORTED_DISTRIBUTIONS}"
+            f"{type(d).__name__} has no masked conditionals; "
+            f"supported are {SUPPORTED_DISTRIBUTIONS}"
         )
     loc, covariance = gaussian
     return _grouped_gaussian_score(loc, covariance, value, schedule, num_masks)

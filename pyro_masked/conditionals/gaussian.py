@@ -154,9 +154,7 @@ class _ResidualFormScore(torch.autograd.Function):
         ctx.save_for_backward(factor, whitened, weights)
         batch, num_vectors, size = whitened.shape
         out = factor.new_zeros(batch, num_vectors)
-        for start, stop, lower, factor_block, whitened_block, variance, residual in _row_blocks(
-            factor, whitened
-        ):
+        for _, stop, lower, _, _, variance, residual in _row_blocks(factor, whitened):
             block_weights = weights[:stop] * lower
             safe_variance = torch.where(lower, variance, 1.0)
             log_terms = (block_weights * (safe_variance.log() + _LOG_2PI)).sum((-1, -2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Union
 
 import torch
@@ -165,11 +166,12 @@ def _gaussian_parts(d):
         factor = d._unbroadcasted_cov_factor
         covariance = factor @ factor.mT + torch.diag_embed(d._unbroadcasted_cov_diag)
         return d.loc, covariance
-    lazy = getattr(d, "lazy_covariance_matrix", None)  # GPyTorch: a LinearOperator
-    if lazy is not None and not isinstance(lazy, torch.Tensor):
-        return d.loc, lazy.to_dense()
-    if "covariance_matrix" in d.__dict__ or lazy is not None:
-        return d.loc, _unexpand(d.covariance_matrix, 2)
+    if getattr(d, "islazy", False):  # GPyTorch, covariance a LinearOperator: nothing factored yet
+        return d.loc, d.lazy_covariance_matrix.to_dense()
+    # torch (and non-lazy GPyTorch) keep the covariance they were given; read it from the
+    # instance, since GPyTorch's property would rebuild it from the Cholesky factor.
+    if "covariance_matrix" in d.__dict__:
+        return d.loc, _unexpand(d.__dict__["covariance_matrix"], 2)
     scale_tril = d._unbroadcasted_scale_tril
     return d.loc, scale_tril @ scale_tril.mT
 
@@ -181,6 +183,37 @@ def _unexpand(tensor: torch.Tensor, event_dims: int) -> torch.Tensor:
         for size, stride in zip(tensor.shape[:-event_dims], tensor.stride()[:-event_dims])
     )
     return tensor[index]
+
+
+class _ResidualScatter:
+    """:math:`\\sum_n (x_n - \\mu)(x_n - \\mu)^\\top` for data ``x`` sharing one mean, on demand.
+
+    The data's own scatter :math:`X^\\top X` and sum are cached for as long as the data tensor
+    lives unchanged (the observations of a model are the same tensor at every step), so the
+    masked score's backward pass costs :math:`O(D^2)` instead of :math:`O(N D^2)` in the data.
+    """
+
+    _cache: dict = {}
+    _max_entries = 8
+
+    def __init__(self, value: torch.Tensor, loc: torch.Tensor):
+        self.value = value
+        self.loc = loc.detach().reshape(-1)
+
+    def __call__(self) -> torch.Tensor:
+        data = self.value.detach().reshape(-1, self.value.shape[-1])
+        key = id(self.value)
+        entry = self._cache.get(key)
+        if entry is None or entry[0]() is not self.value or entry[1] != self.value._version:
+            if len(self._cache) >= self._max_entries:
+                self._cache.pop(next(iter(self._cache)))
+            entry = (weakref.ref(self.value), self.value._version, data.mT @ data, data.sum(0))
+            self._cache[key] = entry
+        _, _, second_moment, total = entry
+        loc = self.loc
+        cross = torch.outer(total, loc)
+        scatter = second_moment - cross - cross.mT + data.shape[0] * torch.outer(loc, loc)
+        return scatter[None]
 
 
 def _grouped_gaussian_score(loc, covariance, value, schedule, num_masks) -> torch.Tensor:
@@ -205,8 +238,11 @@ def _grouped_gaussian_score(loc, covariance, value, schedule, num_masks) -> torc
     grouped = residuals.permute(order + [residuals.dim() - 1])
     num_groups = math.prod(cov_shape)
     grouped = grouped.reshape(num_groups, -1, size)
+    scatter = None
+    if num_groups == 1 and loc.shape[:-1].numel() == 1 and value.shape == batch_shape + (size,):
+        scatter = _ResidualScatter(value, loc)
     scores = gaussian_masked_score(
-        covariance.reshape(num_groups, size, size), grouped, size_weights, num_masks
+        covariance.reshape(num_groups, size, size), grouped, size_weights, num_masks, scatter
     )
     scores = scores.reshape([batch_shape[i] for i in order])
     return scores.permute([order.index(i) for i in range(len(order))])

@@ -1,0 +1,143 @@
+import pytest
+import torch
+from oracles import expected_masked_score, permutation_score, random_spd
+
+import pyro_masked.conditionals.gaussian as gaussian
+from pyro_masked.masks import Cumulative, FixedSize, SizeWeights
+
+
+def _context_weights(size):
+    return SizeWeights(lambda d: torch.rand(d) + 0.1).context_weights(size)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7])
+@pytest.mark.parametrize("num_vectors", [1, 3, 12])
+def test_fast_path_equals_one_conditioning_per_mask(size, num_vectors):
+    covariance = random_spd(size)
+    residuals = torch.randn(num_vectors, size)
+    weights = _context_weights(size)
+    perms = gaussian.random_permutations(2, size)
+    # n = 12 takes the quadratic form for every size here; n = 1 the residual form.
+    fast = gaussian._permuted_scores(covariance[None], residuals[None], weights, perms)[0]
+    for n in range(num_vectors):
+        expected = sum(permutation_score(covariance, residuals[n], p, weights) for p in perms) / 2
+        assert torch.allclose(fast[n], expected, atol=1e-10, rtol=1e-10)
+
+
+def test_residual_and_quadratic_forms_agree(monkeypatch):
+    size = 9
+    covariance = random_spd(size)
+    residuals = torch.randn(4, 6, size)
+    perms = gaussian.random_permutations(3, size)
+    weights = _context_weights(size)
+    cov = covariance.expand(4, size, size) * torch.arange(1.0, 5.0)[:, None, None]
+    monkeypatch.setattr(gaussian, "_QUADRATIC_FORM_MIN_VECTORS", 10**9)  # n >= 2: quadratic
+    quadratic = gaussian._permuted_scores(cov, residuals, weights, perms)
+    monkeypatch.setattr(gaussian, "_QUADRATIC_FORM_MIN_VECTORS", 1)  # n < D: residual
+    residual = gaussian._permuted_scores(cov, residuals, weights, perms)
+    assert torch.allclose(quadratic, residual, atol=1e-10)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 128])
+def test_row_blocking_does_not_change_the_score(monkeypatch, block):
+    size = 7
+    factor = torch.linalg.cholesky(random_spd(size))[None]
+    whitened = torch.randn(1, 2, size)
+    weights = _context_weights(size)
+    reference = gaussian._ResidualFormScore.apply(factor, whitened, weights)
+    monkeypatch.setattr(gaussian, "_ROW_BLOCK", block)
+    blocked = gaussian._ResidualFormScore.apply(factor, whitened, weights)
+    assert torch.allclose(reference, blocked, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [2, 128])
+def test_residual_form_gradcheck(monkeypatch, block):
+    monkeypatch.setattr(gaussian, "_ROW_BLOCK", block)
+    size = 5
+    factor = torch.linalg.cholesky(random_spd(size)).requires_grad_()
+    whitened = torch.randn(2, 3, size, requires_grad=True)
+    weights = _context_weights(size)
+
+    def score(factor, whitened):
+        stacked = torch.stack([factor.tril(), 1.5 * factor.tril()])
+        return gaussian._ResidualFormScore.apply(stacked, whitened, weights)
+
+    assert torch.autograd.gradcheck(score, (factor, whitened))
+
+
+def test_quadratic_form_gradcheck():
+    size = 5
+    factor = torch.linalg.cholesky(random_spd(size)).requires_grad_()
+    weights = _context_weights(size)
+    assert torch.autograd.gradcheck(
+        lambda f: gaussian._quadratic_form(f.tril()[None], weights), (factor,)
+    )
+
+
+def test_permutation_functions_gradcheck():
+    size = 4
+    matrix = torch.randn(2, size, size, requires_grad=True)
+    perms = gaussian.random_permutations(3, size)
+    assert torch.autograd.gradcheck(lambda m: gaussian._PermuteSymmetric.apply(m, perms), (matrix,))
+    stacked = torch.randn(2, 3, size, size, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda m: gaussian._UnpermuteSymmetric.apply(m, perms), (stacked,)
+    )
+
+
+def test_unpermute_inverts_permute():
+    matrix = torch.randn(1, 6, 6)
+    perms = gaussian.random_permutations(4, 6)
+    permuted = gaussian._PermuteSymmetric.apply(matrix, perms)
+    assert torch.equal(gaussian._UnpermuteSymmetric.apply(permuted, perms), matrix)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_every_mask_enumerated_equals_plain_enumeration(size):
+    covariance = random_spd(size)
+    residuals = torch.randn(1, 2, size)
+    for mask_size in range(1, size + 1):
+        weights = FixedSize(mask_size).size_weights(size)
+        score = gaussian.gaussian_masked_score(covariance[None], residuals, weights, "all")
+        for n in range(2):
+            expected = expected_masked_score(covariance, residuals[0, n], mask_size)
+            assert torch.allclose(score[0, n], expected, atol=1e-10)
+
+
+def test_leave_one_out_closed_form_equals_enumeration():
+    covariance = random_spd(6)
+    residuals = torch.randn(1, 3, 6)
+    loo = gaussian.leave_one_out_score(covariance[None], residuals)
+    for n in range(3):
+        assert torch.allclose(loo[0, n], expected_masked_score(covariance, residuals[0, n], 1))
+
+
+def test_cumulative_all_masks_is_the_exact_log_density():
+    covariance = random_spd(6)
+    residuals = torch.randn(1, 4, 6)
+    weights = Cumulative().size_weights(6)
+    score = gaussian.gaussian_masked_score(covariance[None], residuals, weights, "all")
+    exact = torch.distributions.MultivariateNormal(torch.zeros(6), covariance).log_prob(residuals)
+    assert torch.allclose(score, exact, atol=1e-10)
+
+
+def test_many_permutations_use_one_batched_factorization(monkeypatch):
+    calls = []
+    original = gaussian._cholesky
+
+    def spy(matrix):
+        calls.append(matrix.shape)
+        return original(matrix)
+
+    monkeypatch.setattr(gaussian, "_cholesky", spy)
+    weights = Cumulative().size_weights(5)
+    gaussian.gaussian_masked_score(random_spd(5)[None], torch.randn(1, 2, 5), weights, 16)
+    assert calls == [torch.Size([1, 16, 5, 5])]
+
+
+@pytest.mark.filterwarnings("ignore:A not p.d., added jitter")
+def test_not_positive_definite_is_a_clear_error():
+    covariance = -torch.eye(3)[None]
+    weights = Cumulative().size_weights(3)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gaussian.gaussian_masked_score(covariance, torch.randn(1, 1, 3), weights, 1)

@@ -1,0 +1,224 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from oracles import random_spd
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule, PyroParam
+
+from pyro_masked import MaskedELBO, masked_log_prob
+
+
+def ppca_data(num_points=300, size=8, rank=2):
+    generator = torch.Generator().manual_seed(4)
+    weights = torch.randn(size, rank, generator=generator)
+    latents = torch.randn(num_points, rank, generator=generator)
+    return latents @ weights.T + 0.5 * torch.randn(num_points, size, generator=generator)
+
+
+def ppca_model(data, rank=2):
+    size = data.shape[-1]
+    weights = pyro.param("W", 0.1 * torch.randn(size, rank))
+    noise = pyro.param("noise", torch.tensor(2.0), constraint=dist.constraints.positive)
+    covariance = weights @ weights.T + noise * torch.eye(size)
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.MultivariateNormal(torch.zeros(size), covariance), obs=data)
+
+
+def empty_guide(data, rank=2):
+    pass
+
+
+def exact_log_likelihood(data, rank=2):
+    weights, noise = pyro.param("W").detach(), pyro.param("noise").detach()
+    covariance = weights @ weights.T + noise * torch.eye(data.shape[-1])
+    return dist.MultivariateNormal(torch.zeros(data.shape[-1]), covariance).log_prob(data).sum()
+
+
+def ppca_maximum_log_likelihood(data, rank=2):
+    """Tipping & Bishop (1999): the maximum over W and the noise, in closed form."""
+    num_points, size = data.shape
+    eigenvalues, eigenvectors = torch.linalg.eigh(data.T @ data / num_points)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    noise = eigenvalues[rank:].mean()
+    weights = eigenvectors[:, :rank] * (eigenvalues[:rank] - noise).sqrt()
+    covariance = weights @ weights.T + noise * torch.eye(size)
+    return dist.MultivariateNormal(torch.zeros(size), covariance).log_prob(data).sum()
+
+
+def test_ppca_trained_by_cumulative_masking_reaches_the_maximum_likelihood():
+    data = ppca_data()
+    svi = SVI(ppca_model, empty_guide, pyro.optim.Adam({"lr": 0.05}), loss=MaskedELBO())
+    for _ in range(300):
+        svi.step(data)
+    best = ppca_maximum_log_likelihood(data)
+    assert abs(exact_log_likelihood(data) - best) < 0.01 * abs(best)
+
+
+def test_ppca_trained_at_a_fixed_rate_improves_on_its_start():
+    data = ppca_data()
+    svi = SVI(ppca_model, empty_guide, pyro.optim.Adam({"lr": 0.05}), loss=MaskedELBO(mask=0.15))
+    svi.step(data)
+    start = exact_log_likelihood(data)
+    for _ in range(200):
+        svi.step(data)
+    assert exact_log_likelihood(data) > start + 0.1 * abs(start)
+
+
+COVARIANCE = random_spd(4, generator=torch.Generator().manual_seed(2)).double()
+
+
+def global_latent_model(data):
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(4), 1.0).to_event(1))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.MultivariateNormal(loc, COVARIANCE), obs=data)
+
+
+def test_masked_elbo_is_an_unbiased_estimate_of_the_elbo():
+    data = torch.randn(10, 4) + 1.0
+    guide = AutoNormal(global_latent_model)
+    guide(data)  # create the guide's parameters
+    masked_elbo = MaskedELBO(num_particles=20, vectorize_particles=True)
+    trace_elbo = Trace_ELBO(num_particles=20, vectorize_particles=True)
+    masked = torch.tensor([masked_elbo.loss(global_latent_model, guide, data) for _ in range(300)])
+    exact = torch.tensor([trace_elbo.loss(global_latent_model, guide, data) for _ in range(300)])
+    stderr = (masked.var() / len(masked) + exact.var() / len(exact)).sqrt()
+    assert abs(masked.mean() - exact.mean()) < 4 * stderr
+    assert masked.var() > exact.var()  # masking adds noise, so the test above can fail
+
+
+def test_loss_differentiable_loss_and_loss_and_grads_agree():
+    data = torch.randn(10, 4)
+    guide = AutoNormal(global_latent_model)
+    guide(data)
+    elbo = MaskedELBO(mask=0.5, num_particles=3)
+    pyro.set_rng_seed(1)
+    loss = elbo.loss(global_latent_model, guide, data)
+    pyro.set_rng_seed(1)
+    differentiable = elbo.differentiable_loss(global_latent_model, guide, data)
+    pyro.set_rng_seed(1)
+    with_grads = elbo.loss_and_grads(global_latent_model, guide, data)
+    assert loss == pytest.approx(differentiable.item()) == pytest.approx(with_grads)
+
+
+def test_vectorized_particles_match_sequential_ones_on_the_exact_expectation():
+    data = torch.randn(10, 4)
+    guide = AutoNormal(global_latent_model)
+    guide(data)
+    pyro.set_rng_seed(2)
+    vectorized = MaskedELBO(num_masks="all", num_particles=4, vectorize_particles=True)
+    loss = vectorized.loss(global_latent_model, guide, data)
+    pyro.set_rng_seed(2)
+    expected = Trace_ELBO(num_particles=4, vectorize_particles=True).loss(
+        global_latent_model, guide, data
+    )
+    assert loss == pytest.approx(expected, abs=1e-8)
+
+
+@pytest.mark.parametrize("mask", ["cumulative", 0.5])
+def test_subsampled_plates_are_scaled_as_in_trace_elbo(mask):
+    data = torch.randn(20, 4)
+
+    def model(data):
+        with pyro.plate("data", 20, subsample_size=5) as index:
+            pyro.sample("x", dist.MultivariateNormal(torch.zeros(4), COVARIANCE), obs=data[index])
+
+    def guide(data):
+        pass
+
+    pyro.set_rng_seed(3)
+    loss = MaskedELBO(mask=mask, num_masks="all", max_plate_nesting=1).loss(model, guide, data)
+    pyro.set_rng_seed(3)
+    index = poutine.trace(model).get_trace(data).nodes["data"]["value"]
+    d = dist.MultivariateNormal(torch.zeros(4), COVARIANCE)
+    expected = -4.0 * masked_log_prob(d, data[index], mask=mask, num_masks="all").sum()
+    assert loss == pytest.approx(expected.item(), abs=1e-8)
+    if mask == "cumulative":
+        pyro.set_rng_seed(3)
+        exact = Trace_ELBO(max_plate_nesting=1).loss(model, guide, data)
+        assert loss == pytest.approx(exact, abs=1e-8)
+
+
+def test_score_function_terms_of_non_reparameterised_guides():
+    data = torch.randn(6, 4)
+
+    def model(data):
+        switch = pyro.sample("switch", dist.Bernoulli(0.5))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.MultivariateNormal(switch * torch.ones(4), COVARIANCE), obs=data)
+
+    def guide(data):
+        logit = pyro.param("logit", torch.tensor(0.3))
+        pyro.sample("switch", dist.Bernoulli(logits=logit))
+
+    grads = []
+    for elbo in (MaskedELBO(num_masks="all"), Trace_ELBO()):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(5)
+        elbo.loss_and_grads(model, guide, data)
+        grads.append(pyro.param("logit").unconstrained().grad.clone())
+    assert grads[0].abs() > 0
+    assert torch.allclose(grads[0], grads[1])
+
+
+def test_same_seed_gives_the_same_loss():
+    data = ppca_data(50)
+    ppca_model(data)
+    elbo = MaskedELBO(num_masks=2)
+    pyro.set_rng_seed(7)
+    first = elbo.loss(ppca_model, empty_guide, data)
+    pyro.set_rng_seed(7)
+    assert elbo.loss(ppca_model, empty_guide, data) == first
+    assert elbo.loss(ppca_model, empty_guide, data) != first
+
+
+class PPCA(PyroModule):
+    def __init__(self, size, rank):
+        super().__init__()
+        self.weights = PyroParam(0.1 * torch.randn(size, rank))
+        self.noise = PyroParam(torch.tensor(2.0), constraint=dist.constraints.positive)
+
+    def forward(self, data):
+        size = data.shape[-1]
+        covariance = self.weights @ self.weights.T + self.noise * torch.eye(size)
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.MultivariateNormal(torch.zeros(size), covariance), obs=data)
+
+
+def test_elbo_module_in_a_plain_pytorch_loop():
+    data = ppca_data(100)
+    model = PPCA(8, 2)
+    loss_fn = MaskedELBO(num_masks=4)(model, lambda data: None)
+    model(data)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=0.05)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = loss_fn(data)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < sum(losses[:5]) - 0.1 * abs(sum(losses[:5]))
+
+
+def test_bad_arguments_are_rejected_at_construction():
+    with pytest.raises(ValueError, match="rate"):
+        MaskedELBO(mask=1.2)
+    with pytest.raises(ValueError, match="num_masks"):
+        MaskedELBO(num_masks=0)
+    with pytest.raises(TypeError, match="list of site names"):
+        MaskedELBO(sites="x")
+
+
+def test_nan_data_leaves_the_parameters_unchanged():
+    data = ppca_data(20)
+    svi = SVI(ppca_model, empty_guide, pyro.optim.Adam({"lr": 0.1}), loss=MaskedELBO())
+    svi.step(data)
+    before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    data[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="site 'x'"):
+        svi.step(data)
+    for name, value in pyro.get_param_store().items():
+        assert torch.equal(value.detach(), before[name])

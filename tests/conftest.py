@@ -2,6 +2,10 @@ import pyro
 import pytest
 import torch
 
+# The tests work on small tensors, where a second thread only adds synchronisation and, on a
+# busy machine, long waits for a descheduled thread.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def float64_clean_param_store_and_seed():

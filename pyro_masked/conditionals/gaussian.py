@@ -53,7 +53,7 @@ from typing import Optional
 
 import torch
 from linear_operator.utils.cholesky import psd_safe_cholesky
-from linear_operator.utils.errors import NotPSDError
+from linear_operator.utils.errors import NanError, NotPSDError
 
 __all__ = [
     "MAX_ENUMERATED_MASKS",
@@ -271,6 +271,8 @@ def random_permutations(
 def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
     try:
         return psd_safe_cholesky(matrix)
+    except NanError as error:
+        raise ValueError("the covariance matrix contains NaN entries") from error
     except NotPSDError as error:
         raise ValueError(
             "the covariance matrix is not positive definite, even after adding jitter "

@@ -141,3 +141,11 @@ def test_not_positive_definite_is_a_clear_error():
     weights = Cumulative().size_weights(3)
     with pytest.raises(ValueError, match="not positive definite"):
         gaussian.gaussian_masked_score(covariance, torch.randn(1, 1, 3), weights, 1)
+
+
+def test_nan_covariance_is_a_clear_error():
+    covariance = random_spd(3)
+    covariance[0, 1] = covariance[1, 0] = float("nan")
+    weights = Cumulative().size_weights(3)
+    with pytest.raises(ValueError, match="contains NaN"):
+        gaussian.gaussian_masked_score(covariance[None], torch.randn(1, 1, 3), weights, 1)

@@ -1,0 +1,490 @@
+"""Gaussian process regression for Pyro on GPyTorch kernels, fitted by masking or exactly.
+
+The model is :math:`f \\sim \\mathcal{GP}(m, k)`, :math:`y_n = f(x_n) + \\epsilon_n`,
+:math:`\\epsilon_n \\sim \\mathcal{N}(0, \\sigma^2)`, so the targets have the evidence
+
+.. math::
+
+    \\log p(y \\mid X) = \\log \\mathcal{N}\\big(y;\\, m(X),\\, K_{XX} + \\sigma^2 I\\big),
+
+one Gaussian vector whose :math:`N` coordinates are the data points. Masked pre-training hides
+data points and scores their predictions from the rest, i.e. leave-:math:`p`-out
+cross-validation; summed over every mask size (``mask="cumulative"``) it is an unbiased
+estimate of the evidence (Fong & Holmes, 2020; Moreno-Muñoz et al., 2023), computed from one
+Cholesky factor per random permutation (:mod:`pyro_masked.conditionals.gaussian`).
+
+:class:`GPRegression` follows :class:`pyro.contrib.gp.models.GPRegression`: ``model()``,
+``guide()`` and ``forward(Xnew, full_cov=False, noiseless=True)`` for prediction, with any
+GPyTorch kernel and mean. :func:`fit` trains it with :class:`~pyro_masked.MaskedELBO` or the
+exact evidence.
+
+*How optimizers see the hyperparameters.* The kernel and the mean are registered as ordinary
+torch submodules of the :class:`~pyro.nn.PyroModule`, so ``gp.parameters()`` holds their raw
+(unconstrained) GPyTorch parameters, the unconstrained noise and, once the guide has run, the
+guide's parameters; GPyTorch's constraints apply as usual. :func:`fit` optimises exactly these
+with a torch optimizer inside a fresh scope of Pyro's param store
+(:meth:`~pyro.params.param_store.ParamStoreDict.scope`), so several models never share
+entries of the global param store and the store is left as it was. For a hand-written
+:class:`~pyro.infer.SVI` loop with the global param store, Pyro's rule for plain torch
+submodules of a :class:`~pyro.nn.PyroModule` applies: reading ``self.kernel`` inside
+``model()`` registers it with :func:`pyro.module` under the module's name (``"kernel"`` and
+``"mean"`` for a top-level module), so Pyro's optimizers see its parameters; give each model a
+distinct ``name`` or clear the param store between models.
+
+*Normalisation.* Pyro losses are sums over data points: :func:`fit` records the negative ELBO
+(the negative log evidence, or its masked estimate) of the whole data set, not a per-point mean
+as GPyTorch's marginal log likelihoods report.
+
+References:
+
+- C. E. Rasmussen, C. K. I. Williams, "Gaussian Processes for Machine Learning", MIT Press
+  2006, chapters 2 and 5.
+- P. Moreno-Muñoz, P. Garcia Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
+  Likelihood", NeurIPS 2023.
+- E. Fong, C. C. Holmes, "On the marginal likelihood and cross-validation", Biometrika 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Optional
+
+import gpytorch
+import pyro
+import pyro.distributions as dist
+import torch
+from linear_operator.operators import DenseLinearOperator
+from linear_operator.utils.cholesky import psd_safe_cholesky
+from linear_operator.utils.errors import NanError, NotPSDError
+from pyro.distributions import constraints
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.nn import PyroModule, PyroParam, PyroSample, pyro_method
+from tqdm import tqdm
+
+from pyro_masked.infer import MaskedELBO
+from pyro_masked.masks import MaskLike
+from pyro_masked.scoring import NumMasks
+
+__all__ = ["GPRegression", "fit"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class _GPTargetDistribution(gpytorch.distributions.MultivariateNormal):
+    """The targets' Gaussian, whose ``log_prob`` is always the exact one by Cholesky.
+
+    GPyTorch's own ``log_prob`` switches to iterative (approximate) solves above
+    ``gpytorch.settings.max_cholesky_size``; the exact objective of :func:`fit` must stay exact.
+    The covariance is kept lazy so that building the distribution factors nothing (the masked
+    score factors permuted copies of it instead).
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        covariance = self.lazy_covariance_matrix.to_dense()
+        factor = _cholesky(covariance, "the covariance of the targets y")
+        residual = (value - self.loc).unsqueeze(-1)
+        whitened = torch.linalg.solve_triangular(factor, residual, upper=False).squeeze(-1)
+        half_log_det = torch.diagonal(factor, dim1=-2, dim2=-1).log().sum(-1)
+        return -0.5 * whitened.square().sum(-1) - half_log_det - 0.5 * value.shape[-1] * _LOG_2PI
+
+
+def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
+    try:
+        return psd_safe_cholesky(matrix)
+    except NanError as error:
+        raise ValueError(f"{what} contains NaN: the hyperparameters are not finite") from error
+    except NotPSDError as error:
+        raise ValueError(
+            f"{what} is not positive definite even after adding jitter: the inputs X make the "
+            "kernel matrix singular and the noise is too small to regularise it "
+            f"(duplicate inputs without noise?). ({error})"
+        ) from error
+
+
+class _DenseKernel(torch.nn.Module):
+    """Evaluates a kernel to a dense matrix inside ``torch.func.functional_call``.
+
+    GPyTorch kernels evaluate lazily; the matrix must be formed while the substituted
+    hyperparameters are in place.
+    """
+
+    def __init__(self, kernel: gpytorch.kernels.Kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor], diag: bool) -> torch.Tensor:
+        if diag:
+            return self.kernel(x1, diag=True)
+        return self.kernel(x1, x2).to_dense()
+
+
+def _check_inputs(X: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(X).__name__}")
+    if X.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape (N,) or (N, d), got {tuple(X.shape)}")
+    if not torch.isfinite(X).all():
+        raise ValueError(f"{name} contains NaN or infinite entries")
+    return X.unsqueeze(-1) if X.dim() == 1 else X
+
+
+def _check_targets(y: torch.Tensor, num_inputs: int) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a tensor, got {type(y).__name__}")
+    if y.dim() != 1:
+        raise ValueError(f"y must have shape (N,) (one target per input), got {tuple(y.shape)}")
+    if y.shape[0] != num_inputs:
+        raise ValueError(f"X has {num_inputs} inputs but y has {y.shape[0]} targets")
+    if not torch.isfinite(y).all():
+        raise ValueError("y contains NaN or infinite entries")
+    return y
+
+
+class GPRegression(PyroModule):
+    """Gaussian process regression with a GPyTorch kernel and mean, for Pyro.
+
+    The observed site ``"y"`` has the distribution
+    :math:`\\mathcal{N}(m(X), K_{XX} + (\\sigma^2 + \\text{jitter}) I)`, so
+    :class:`~pyro.infer.Trace_ELBO` uses the exact evidence and
+    :class:`~pyro_masked.MaskedELBO` its masked estimate (leave-:math:`p`-out
+    cross-validation over data points, every :math:`p` for ``mask="cumulative"``).
+
+    Example::
+
+        kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        gp = GPRegression(X, y, kernel, noise=0.1)
+        losses = fit(gp, objective="masked", num_steps=300, lr=0.05, seed=0)
+        mean, var = gp(Xnew, noiseless=False)
+
+    :param X: inputs, shape ``(N,)`` or ``(N, d)``; a 1-D tensor is one input dimension.
+    :param y: targets, shape ``(N,)``.
+    :param kernel: any :class:`gpytorch.kernels.Kernel` (scaled, sums, products, ARD).
+    :param mean: a :class:`gpytorch.means.Mean`; ``None`` is the zero mean.
+    :param noise: initial variance :math:`\\sigma^2` of the Gaussian noise (positive; learned).
+    :param jitter: added to the diagonal for numerical stability, not learned.
+    :param priors: optional priors on hyperparameters, keyed by ``"noise"`` or the dotted name of
+        a GPyTorch hyperparameter under ``"kernel."`` or ``"mean."`` (the constrained name, e.g.
+        ``"kernel.base_kernel.lengthscale"``, ``"kernel.outputscale"``, ``"mean.constant"``).
+        A scalar prior is expanded to the hyperparameter's shape. Hyperparameters with priors
+        become latent sample sites of the same names, handled by the guide.
+    :param guide: ``"delta"`` (:class:`~pyro.infer.autoguide.AutoDelta`: MAP) or ``"normal"``
+        (:class:`~pyro.infer.autoguide.AutoNormal`: a posterior over the hyperparameters with
+        priors). Unused without priors.
+    :param name: the module's name, the prefix of its sites and parameters.
+    """
+
+    def __init__(
+        self,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        kernel: gpytorch.kernels.Kernel,
+        mean: Optional[gpytorch.means.Mean] = None,
+        noise: float = 1.0,
+        jitter: float = 1e-6,
+        priors: Optional[Mapping[str, dist.Distribution]] = None,
+        guide: str = "delta",
+        name: str = "",
+    ):
+        super().__init__(name)
+        if not isinstance(kernel, gpytorch.kernels.Kernel):
+            raise TypeError(
+                f"kernel must be a gpytorch.kernels.Kernel, got {type(kernel).__name__}"
+            )
+        if mean is None:
+            mean = gpytorch.means.ZeroMean()
+        if not isinstance(mean, gpytorch.means.Mean):
+            raise TypeError(f"mean must be a gpytorch.means.Mean, got {type(mean).__name__}")
+        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise > 0:
+            raise ValueError(f"noise must be a positive number, got {noise!r}")
+        if not isinstance(jitter, (int, float)) or not jitter >= 0:
+            raise ValueError(f"jitter must be a non-negative number, got {jitter!r}")
+        if guide not in ("delta", "normal"):
+            raise ValueError(f"guide must be 'delta' or 'normal', got {guide!r}")
+        X = _check_inputs(X, "X")
+        self.X = X
+        self.y = _check_targets(y, X.shape[0])
+        self.kernel = kernel
+        self.mean = mean
+        self.jitter = float(jitter)
+        priors = dict(priors or {})
+        noise_prior = priors.pop("noise", None)
+        if noise_prior is None:
+            self.noise = PyroParam(
+                torch.tensor(float(noise), dtype=X.dtype, device=X.device),
+                constraint=constraints.positive,
+            )
+        else:
+            self.noise = PyroSample(noise_prior)
+        self._hyperpriors = {
+            key: self._locate_hyperparameter(key, prior) for key, prior in priors.items()
+        }
+        self._has_priors = noise_prior is not None or bool(self._hyperpriors)
+        if self._has_priors:
+            guide_class = AutoDelta if guide == "delta" else AutoNormal
+            self.autoguide = guide_class(self.model)
+
+    # -- hyperparameters with priors ---------------------------------------------------------
+
+    def _locate_hyperparameter(self, key: str, prior: dist.Distribution):
+        """``(raw parameter path, transform to raw, prior of the right shape)`` for ``key``."""
+        if not isinstance(prior, dist.Distribution):
+            raise TypeError(f"priors[{key!r}] must be a Pyro distribution")
+        owner_path, _, attribute = key.rpartition(".")
+        if owner_path.split(".")[0] not in ("kernel", "mean"):
+            raise ValueError(
+                f"priors key {key!r} must be 'noise' or start with 'kernel.' or 'mean.'"
+            )
+        try:
+            owner = self.get_submodule(owner_path)
+        except AttributeError as error:
+            raise ValueError(f"priors key {key!r}: no submodule {owner_path!r}") from error
+        parameters = dict(owner.named_parameters(recurse=False))
+        if "raw_" + attribute in parameters:
+            raw_name = "raw_" + attribute
+            constraint = owner.constraint_for_parameter_name(raw_name)
+            to_raw = constraint.inverse_transform if constraint is not None else (lambda v: v)
+        elif attribute in parameters:
+            raw_name, to_raw = attribute, (lambda v: v)
+        else:
+            raise ValueError(
+                f"priors key {key!r}: {owner_path} has no hyperparameter {attribute!r}"
+            )
+        shape = parameters[raw_name].shape
+        if prior.batch_shape == () and prior.event_shape == () and len(shape) > 0:
+            prior = prior.expand(shape).to_event(len(shape))
+        elif prior.shape() != shape:
+            raise ValueError(
+                f"priors[{key!r}] has shape {tuple(prior.shape())}, the hyperparameter "
+                f"{tuple(shape)}"
+            )
+        path = (owner_path + "." + raw_name).split(".", 1)  # ("kernel", "base_kernel.raw_...")
+        return path, to_raw, prior
+
+    def _sample_hyperparameters(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Sample each hyperparameter with a prior; return raw overrides per submodule."""
+        overrides: dict[str, dict[str, torch.Tensor]] = {"kernel": {}, "mean": {}}
+        for key, ((module, raw_path), to_raw, prior) in self._hyperpriors.items():
+            value = pyro.sample(self._pyro_get_fullname(key), prior)
+            overrides[module][raw_path] = to_raw(value)
+        return overrides
+
+    def _median_hyperparameters(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Raw overrides at the guide's median (the point estimate used for prediction)."""
+        overrides: dict[str, dict[str, torch.Tensor]] = {"kernel": {}, "mean": {}}
+        if not self._hyperpriors:
+            return overrides
+        median = self.autoguide.median()
+        for key, ((module, raw_path), to_raw, _) in self._hyperpriors.items():
+            overrides[module][raw_path] = to_raw(median[self._pyro_get_fullname(key)])
+        return overrides
+
+    def _noise_value(self, use_median: bool) -> torch.Tensor:
+        if use_median and "noise" in self._pyro_samples:
+            return self.autoguide.median()[self._pyro_get_fullname("noise")]
+        return self.noise
+
+    # -- kernel and mean evaluation -------------------------------------------------------------
+
+    def _kernel(self, x1, x2, overrides, diag=False) -> torch.Tensor:
+        evaluator = _DenseKernel(self.kernel)
+        renamed = {"kernel." + name: value for name, value in overrides["kernel"].items()}
+        return torch.func.functional_call(evaluator, renamed, (x1, x2, diag))
+
+    def _mean(self, x, overrides) -> torch.Tensor:
+        return torch.func.functional_call(self.mean, overrides["mean"], (x,))
+
+    def _target_covariance(self, overrides, noise) -> torch.Tensor:
+        covariance = self._kernel(self.X, self.X, overrides)
+        diagonal = torch.diagonal(covariance)
+        return covariance + torch.diag_embed((noise + self.jitter).expand_as(diagonal))
+
+    # -- Pyro interface -------------------------------------------------------------------------
+
+    @pyro_method
+    def model(self) -> None:
+        """The generative model: hyperparameters with priors, then the observed targets ``y``."""
+        overrides = self._sample_hyperparameters()
+        noise = self.noise
+        covariance = self._target_covariance(overrides, noise)
+        loc = self._mean(self.X, overrides)
+        pyro.sample(
+            self._pyro_get_fullname("y"),
+            _GPTargetDistribution(loc, DenseLinearOperator(covariance)),
+            obs=self.y,
+        )
+
+    @pyro_method
+    def guide(self) -> None:
+        """The autoguide over hyperparameters with priors; nothing without priors."""
+        if self._has_priors:
+            self.autoguide()
+
+    def forward(
+        self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior predictive mean and covariance (or variance) at ``Xnew``.
+
+        With :math:`K = K_{XX} + \\sigma^2 I = L L^\\top`, :math:`K_* = K_{X X_*}` and
+        :math:`V = L^{-1} K_*`:
+
+        .. math::
+
+            \\mu_* = m(X_*) + K_*^\\top K^{-1} (y - m(X)), \\qquad
+            \\Sigma_* = K_{X_* X_*} - V^\\top V \\; (+\\, \\sigma^2 I \\text{ if not noiseless}).
+
+        Hyperparameters with priors are set to the guide's median.
+
+        :param Xnew: shape ``(M,)`` or ``(M, d)``, the same input dimension as ``X``.
+        :param full_cov: return the ``(M, M)`` covariance instead of the ``(M,)`` variances.
+        :param noiseless: predict :math:`f` (``True``) or a new observation :math:`y`
+            (``False``, adds the noise variance).
+        :returns: ``(mean, cov)`` or ``(mean, var)``.
+        """
+        Xnew = _check_inputs(Xnew, "Xnew")
+        if Xnew.shape[-1] != self.X.shape[-1]:
+            raise ValueError(
+                f"Xnew has {Xnew.shape[-1]} input dimensions, X has {self.X.shape[-1]}"
+            )
+        with pyro.get_param_store().scope():
+            overrides = self._median_hyperparameters()
+            noise = self._noise_value(use_median=True)
+            factor = _cholesky(
+                self._target_covariance(overrides, noise), "the covariance of the targets y"
+            )
+            residual = (self.y - self._mean(self.X, overrides)).unsqueeze(-1)
+            weights = torch.cholesky_solve(residual, factor).squeeze(-1)
+            cross = self._kernel(self.X, Xnew, overrides)  # (N, M)
+            mean = self._mean(Xnew, overrides) + cross.mT @ weights
+            projected = torch.linalg.solve_triangular(factor, cross, upper=False)
+            if full_cov:
+                cov = self._kernel(Xnew, Xnew, overrides) - projected.mT @ projected
+                if not noiseless:
+                    cov = cov + noise * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+                return mean, cov
+            var = self._kernel(Xnew, None, overrides, diag=True) - projected.square().sum(-2)
+            var = var.clamp_min(0.0)
+            if not noiseless:
+                var = var + noise
+            return mean, var
+
+    def log_marginal_likelihood(self) -> torch.Tensor:
+        """The exact :math:`\\log p(y \\mid X)` at the current hyperparameters (the guide's
+        median for those with priors), a sum over data points."""
+        with pyro.get_param_store().scope():
+            overrides = self._median_hyperparameters()
+            noise = self._noise_value(use_median=True)
+            covariance = self._target_covariance(overrides, noise)
+            loc = self._mean(self.X, overrides)
+            return _GPTargetDistribution(loc, DenseLinearOperator(covariance)).log_prob(self.y)
+
+
+def fit(
+    gp: GPRegression,
+    objective: str = "masked",
+    mask: MaskLike = "cumulative",
+    num_masks: NumMasks = 1,
+    num_steps: int = 1000,
+    lr: float = 0.01,
+    lr_decay: float = 1.0,
+    optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
+    seed: Optional[int] = None,
+    progress: bool = True,
+    history: Optional[list] = None,
+    callback: Optional[Callable[[int, float], None]] = None,
+    num_particles: int = 1,
+) -> list:
+    """Fit a :class:`GPRegression` by masked pre-training or by the exact evidence.
+
+    Minimises, with a torch optimizer over ``gp.parameters()``,
+
+    - ``objective="masked"``: the negative :class:`~pyro_masked.MaskedELBO` with the given
+      ``mask`` and ``num_masks`` (``mask="cumulative"``: an unbiased estimate of the negative
+      log evidence; new random masks every step);
+    - ``objective="exact"``: the negative :class:`~pyro.infer.Trace_ELBO`, i.e. the exact
+      negative log evidence :math:`-\\log p(y \\mid X)` (plus the prior and guide terms for
+      hyperparameters with priors: MAP with ``guide="delta"``).
+
+    Losses are sums over the data points (Pyro's convention), not means.
+
+    A step whose loss or gradients are not finite raises ``FloatingPointError`` before the
+    optimizer touches anything, and a step that would make a parameter non-finite is undone
+    (parameters and optimizer state restored) before raising, so a failed step never leaves
+    the hyperparameters half-updated.
+
+    :param gp: the model.
+    :param objective: ``"masked"`` or ``"exact"``.
+    :param mask: the mask schedule of the masked objective
+        (see :func:`~pyro_masked.masked_log_prob`).
+    :param num_masks: random permutations averaged per step.
+    :param num_steps: optimizer steps.
+    :param lr: the initial learning rate.
+    :param lr_decay: the final learning rate over the initial one, reached by exponential decay
+        (``1.0``: constant). Decaying it averages out the noise of random masks at the end.
+    :param optimizer: a torch optimizer class (default :class:`torch.optim.Adam`), called as
+        ``optimizer(params, lr=lr)``.
+    :param seed: seeds torch's (and Pyro's) generators before training, for reproducible masks.
+    :param progress: show a tqdm progress bar.
+    :param history: a list the loss of each step is appended to as training runs (early access
+        from another thread or a callback); a new list is used when omitted.
+    :param callback: called as ``callback(step, loss)`` after each step.
+    :param num_particles: ELBO particles (matters with ``guide="normal"``).
+    :returns: the list of losses, one per step.
+    """
+    if not isinstance(gp, GPRegression):
+        raise TypeError(f"gp must be a GPRegression, got {type(gp).__name__}")
+    if objective == "masked":
+        elbo = MaskedELBO(mask=mask, num_masks=num_masks, num_particles=num_particles)
+    elif objective == "exact":
+        elbo = Trace_ELBO(num_particles=num_particles)
+    else:
+        raise ValueError(f"objective must be 'masked' or 'exact', got {objective!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    history = [] if history is None else history
+    with pyro.get_param_store().scope():
+        gp.guide()  # an autoguide creates its parameters on the first call
+        params = [p for p in gp.parameters() if p.requires_grad]
+        optim = (optimizer or torch.optim.Adam)(params, lr=lr)
+        bar = tqdm(range(num_steps), desc=f"fit ({objective})", disable=not progress)
+        for step in bar:
+            for group in optim.param_groups:
+                group["lr"] = lr * lr_decay ** (step / max(1, num_steps - 1))
+            optim.zero_grad()
+            loss = elbo.differentiable_loss(gp.model, gp.guide)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
+            loss.backward()
+            if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+                raise FloatingPointError(f"step {step}: non-finite gradients")
+            _guarded_step(optim, params, step)
+            value = loss.item()
+            history.append(value)
+            bar.set_postfix(loss=f"{value:.4g}")
+            if callback is not None:
+                callback(step, value)
+    return history
+
+
+def _guarded_step(optim: torch.optim.Optimizer, params: list, step: int) -> None:
+    """``optim.step()``, undone if it leaves a parameter non-finite."""
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {
+        key: {name: (v.clone() if isinstance(v, torch.Tensor) else v) for name, v in state.items()}
+        for key, state in optim.state.items()
+    }
+    optim.step()
+    if all(torch.isfinite(p).all() for p in params):
+        return
+    with torch.no_grad():
+        for p, saved in zip(params, saved_params):
+            p.copy_(saved)
+    optim.state.clear()
+    optim.state.update(saved_state)
+    raise FloatingPointError(f"step {step}: the update made a parameter non-finite; undone")

@@ -21,7 +21,7 @@ from gpytorch.likelihoods.multitask_gaussian_likelihood import _MultitaskGaussia
 from gpytorch.mlls import MarginalLogLikelihood
 
 from pyro_masked.masks import MaskLike, as_schedule
-from pyro_masked.scoring import NumMasks, check_num_masks, masked_log_prob
+from pyro_masked.scoring import NumMasks, all_finite, check_num_masks, masked_log_prob
 
 __all__ = ["MaskedMarginalLogLikelihood"]
 
@@ -137,7 +137,7 @@ class MaskedMarginalLogLikelihood(MarginalLogLikelihood):
                 f"target has shape {tuple(target.shape)} but the GP has {num_data} data points "
                 "(the target's last dimension)"
             )
-        if not torch.isfinite(target).all():
+        if not all_finite(target):
             raise ValueError("target contains NaN or infinite entries")
         marginal = self.likelihood(function_dist, *params, **kwargs)
         score = self._masked_score(marginal, target)

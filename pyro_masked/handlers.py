@@ -19,6 +19,7 @@ from pyro_masked.scoring import (
     SUPPORTED_DISTRIBUTIONS,
     NumMasks,
     _masked_log_prob,
+    all_finite,
     check_num_masks,
     is_supported,
 )
@@ -141,7 +142,7 @@ class MaskedMessenger(Messenger):
                 f"masked conditionals; supported are {SUPPORTED_DISTRIBUTIONS}. To {hint}."
             )
         value = msg["value"]
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise ValueError(f"observed site '{name}': the observed value has NaN or inf entries")
         if len(fn.event_shape) > 0:
             try:

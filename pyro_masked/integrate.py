@@ -29,6 +29,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from pyro_masked.conditionals.latent import latent_masked_score
 from pyro_masked.handlers import MaskedScore
+from pyro_masked.scoring import all_finite
 
 __all__ = ["Integration", "IntegratedObservation", "check_integrate", "check_num_samples"]
 
@@ -281,7 +282,7 @@ class Integration:
             )
         coordinates = coordinate_distribution(base, name)
         value = msg["value"]
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise ValueError(f"observed site '{name}': the observed value has NaN or inf entries")
         inside = coordinates.support.check(value)
         if not bool(inside.all()):

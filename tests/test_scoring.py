@@ -240,3 +240,14 @@ def test_cached_data_scatter_gives_the_same_gradients(monkeypatch, uniform):
     reference = gradients()
     for got, expected in zip(cached + cached_after_change, reference + reference_after_change):
         assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    from pyro_masked.scoring import all_finite
+
+    huge = torch.tensor([1e308, 1e308, -1.0])
+    assert all_finite(huge)
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
+    d = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    assert masked_log_prob(d, huge) == d.log_prob(huge)

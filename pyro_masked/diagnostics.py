@@ -53,18 +53,17 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributions as tdist
-from linear_operator.utils.cholesky import psd_safe_cholesky
 from pyro import poutine
 from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
-from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS
+from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS, leave_one_out_log_densities
 from pyro_masked.handlers import MaskedScore
 from pyro_masked.infer import MaskedELBO
 from pyro_masked.integrate import IntegratedObservation
 from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
-from pyro_masked.scoring import NumMasks, check_num_masks
+from pyro_masked.scoring import NumMasks, check_num_masks, gaussian_parts, is_supported
 
 __all__ = [
     "FixedRateBias",
@@ -372,22 +371,6 @@ def _draw_seeds(count: int) -> list[int]:
     return torch.randint(0, 2**32, (count,), dtype=torch.int64).tolist()
 
 
-def _is_closed_form(fn: tdist.Distribution) -> bool:
-    """Whether the ordinary log density of ``fn`` is what masking estimates, in closed form."""
-    while isinstance(fn, (ExpandedDistribution, MaskedDistribution)):
-        fn = fn.base_dist
-    if len(fn.event_shape) == 0:
-        return True
-    if isinstance(fn, tdist.Independent):
-        base = fn.base_dist
-        while isinstance(base, (tdist.Independent, ExpandedDistribution, MaskedDistribution)):
-            base = base.base_dist
-        return len(base.event_shape) == 0
-    return isinstance(fn, (tdist.MultivariateNormal, tdist.LowRankMultivariateNormal)) and (
-        len(fn.event_shape) == 1
-    )
-
-
 @dataclass(frozen=True)
 class _Options:
     """What selects and scores the sites, as for :class:`~pyro_masked.MaskedELBO`."""
@@ -452,11 +435,11 @@ def _read_traces(model_trace, guide_trace) -> _Draw:
         if unmasked is None:
             # A site left out by ``sites=``: scored by its ordinary log density.
             unmasked_scores[name] = masked_scores[name]
-            closed_form = closed_form and _is_closed_form(fn)
+            closed_form = closed_form and is_supported(fn)
             continue
         unmasked_scores[name] = unmasked.detach().expand(site["log_prob"].shape)
         if isinstance(fn, MaskedScore):
-            closed_form = closed_form and _is_closed_form(fn.base_dist)
+            closed_form = closed_form and is_supported(fn.base_dist)
         if len(fn.event_shape) > 0:
             event_sizes[name] = fn.event_shape.numel()
     for site in guide_trace.nodes.values():
@@ -870,9 +853,6 @@ def pointwise_masked_log_prob(
     )
 
 
-_LOG_2PI = math.log(2 * math.pi)
-
-
 def _coordinate_leave_one_out(fn: tdist.Distribution, value: torch.Tensor) -> torch.Tensor:
     """:math:`\\log p(x_j \\mid x_{-j})` for every coordinate ``j``: shape batch + event."""
     if isinstance(fn, MaskedDistribution):
@@ -882,19 +862,17 @@ def _coordinate_leave_one_out(fn: tdist.Distribution, value: torch.Tensor) -> to
     if isinstance(fn, ExpandedDistribution):
         values = _coordinate_leave_one_out(fn.base_dist, value)
         return values.expand(fn.batch_shape + fn.event_shape)
-    if isinstance(fn, tdist.Independent) and _is_closed_form(fn):
+    if isinstance(fn, tdist.Independent) and is_supported(fn):
         # Coordinates independent given everything else: the conditional is the marginal.
         base = fn.base_dist
         while isinstance(base, tdist.Independent):
             base = base.base_dist
         return base.log_prob(value).expand(fn.batch_shape + fn.event_shape)
     if isinstance(fn, (tdist.MultivariateNormal, tdist.LowRankMultivariateNormal)):
-        # With P the precision, x_j | x_{-j} has variance 1 / P_jj and its mean misses x_j by
-        # (P e)_j / P_jj, e = x - mu: one factorization for every coordinate.
-        precision = torch.cholesky_inverse(psd_safe_cholesky(fn.covariance_matrix))
-        diagonal = torch.diagonal(precision, dim1=-2, dim2=-1)
-        projected = (precision @ (value - fn.loc).unsqueeze(-1)).squeeze(-1)
-        return 0.5 * (diagonal.log() - _LOG_2PI - projected.square() / diagonal)
+        loc, covariance = gaussian_parts(fn)
+        # Each vector as a batch of one: vectors sharing a covariance share its factorization.
+        residuals = (value - loc).unsqueeze(-2)
+        return leave_one_out_log_densities(covariance, residuals).squeeze(-2)
     raise TypeError(
         f"{type(fn).__name__} has no closed-form leave-one-out conditionals; supported are "
         "MultivariateNormal, LowRankMultivariateNormal and distributions that factorize"

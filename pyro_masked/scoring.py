@@ -144,7 +144,7 @@ def _masked_log_prob(d, value, schedule, num_masks) -> torch.Tensor:
         return d.log_prob(value)
     if isinstance(d, tdist.Independent) and _factorizes(d):
         return d.log_prob(value)
-    gaussian = _gaussian_parts(d)
+    gaussian = gaussian_parts(d)
     if gaussian is None:
         raise UnsupportedDistributionError(
             f"{type(d).__name__} has no masked conditionals; "
@@ -178,7 +178,7 @@ def _is_gaussian(d) -> bool:
     return False
 
 
-def _gaussian_parts(d):
+def gaussian_parts(d):
     """``(loc, covariance)`` with the covariance's unexpanded batch shape, or None."""
     if not _is_gaussian(d):
         return None

@@ -58,6 +58,7 @@ from linear_operator.utils.errors import NanError, NotPSDError
 __all__ = [
     "MAX_ENUMERATED_MASKS",
     "gaussian_masked_score",
+    "leave_one_out_log_densities",
     "leave_one_out_score",
     "random_permutations",
 ]
@@ -321,19 +322,25 @@ def _subset_permutations(size: int, mask_size: int, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def leave_one_out_score(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-    """:math:`\\sum_j \\log p(x_j \\mid x_{-j})` in closed form, i.e. :math:`D\\,S(x; 1)`.
+def leave_one_out_log_densities(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log p(x_j \\mid x_{-j})` for every coordinate ``j``, in closed form.
 
     With :math:`P = \\Sigma^{-1}`, the conditional of coordinate :math:`j` given the others has
     variance :math:`1/P_{jj}` and residual :math:`(P e)_j / P_{jj}`: one factorization gives
-    leave-one-out cross-validation for every coordinate.
+    leave-one-out cross-validation for every coordinate. ``covariance`` has shape
+    ``(..., D, D)`` and ``residuals`` :math:`e = x - \\mu` shape ``(..., n, D)``; returns the
+    shape of ``residuals``.
     """
     factor = _cholesky(covariance)
     precision = torch.cholesky_inverse(factor)
-    diagonal = torch.diagonal(precision, dim1=-2, dim2=-1)  # (B, D)
-    projected = residuals @ precision  # (B, n, D), precision is symmetric
-    terms = 0.5 * diagonal.log()[:, None] - 0.5 * projected.square() / diagonal[:, None]
-    return terms.sum(-1) - 0.5 * residuals.shape[-1] * _LOG_2PI
+    diagonal = torch.diagonal(precision, dim1=-2, dim2=-1)[..., None, :]
+    projected = residuals @ precision  # precision is symmetric
+    return 0.5 * (diagonal.log() - _LOG_2PI - projected.square() / diagonal)
+
+
+def leave_one_out_score(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    """:math:`\\sum_j \\log p(x_j \\mid x_{-j})`, i.e. :math:`D\\,S(x; 1)`."""
+    return leave_one_out_log_densities(covariance, residuals).sum(-1)
 
 
 def _marginal_score(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,13 @@ from pyro_masked.handlers import MaskedScore
 from pyro_masked.infer import MaskedELBO
 from pyro_masked.integrate import IntegratedObservation
 from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
-from pyro_masked.scoring import NumMasks, check_num_masks, gaussian_parts, is_supported
+from pyro_masked.scoring import (
+    NumMasks,
+    check_num_masks,
+    gaussian_parts,
+    is_supported,
+    masked_event_size,
+)
 
 __all__ = [
     "FixedRateBias",
@@ -440,8 +446,9 @@ def _read_traces(model_trace, guide_trace) -> _Draw:
         unmasked_scores[name] = unmasked.detach().expand(site["log_prob"].shape)
         if isinstance(fn, MaskedScore):
             closed_form = closed_form and is_supported(fn.base_dist)
-        if len(fn.event_shape) > 0:
-            event_sizes[name] = fn.event_shape.numel()
+        event_size = masked_event_size(fn.base_dist if isinstance(fn, MaskedScore) else fn)
+        if event_size > 0:
+            event_sizes[name] = event_size
     for site in guide_trace.nodes.values():
         if site["type"] == "sample" and not site["is_observed"]:
             has_latents = True

@@ -22,6 +22,7 @@ from pyro_masked.scoring import (
     all_finite,
     check_num_masks,
     is_supported,
+    masked_event_size,
 )
 
 __all__ = ["MaskedMessenger", "MaskedScore", "masked"]
@@ -144,9 +145,10 @@ class MaskedMessenger(Messenger):
         value = msg["value"]
         if not all_finite(value):
             raise ValueError(f"observed site '{name}': the observed value has NaN or inf entries")
-        if len(fn.event_shape) > 0:
+        event_size = masked_event_size(fn)
+        if event_size > 0:
             try:
-                self.schedule.validate(fn.event_shape.numel())
+                self.schedule.validate(event_size)
             except ValueError as error:
                 raise ValueError(f"observed site '{name}': {error}") from error
         msg["fn"] = MaskedScore(fn, self.schedule, self.num_masks, name)

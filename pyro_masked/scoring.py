@@ -27,6 +27,7 @@ __all__ = [
     "SUPPORTED_DISTRIBUTIONS",
     "UnsupportedDistributionError",
     "all_finite",
+    "masked_event_size",
     "masked_log_prob",
 ]
 
@@ -37,6 +38,7 @@ SUPPORTED_DISTRIBUTIONS = (
     "MultivariateNormal (torch, Pyro or GPyTorch, LinearOperator covariances included), "
     "LowRankMultivariateNormal, distributions that factorize over the event "
     "(Independent of univariate distributions, e.g. Normal(...).to_event(1)), "
+    "Independent copies of a supported Gaussian (each base event masked on its own), "
     "and univariate distributions (nothing to mask), possibly expanded or masked"
 )
 
@@ -142,8 +144,12 @@ def _masked_log_prob(d, value, schedule, num_masks) -> torch.Tensor:
         return score.expand(broadcast_shape(score.shape, d.batch_shape))
     if len(d.event_shape) == 0:
         return d.log_prob(value)
-    if isinstance(d, tdist.Independent) and _factorizes(d):
-        return d.log_prob(value)
+    if isinstance(d, tdist.Independent):
+        if _factorizes(d):
+            return d.log_prob(value)
+        # Independent copies of a multivariate base: each base event is masked on its own.
+        score = _masked_log_prob(d.base_dist, value, schedule, num_masks)
+        return score.sum(tuple(range(-d.reinterpreted_batch_ndims, 0)))
     gaussian = gaussian_parts(d)
     if gaussian is None:
         raise UnsupportedDistributionError(
@@ -168,8 +174,21 @@ def is_supported(d: tdist.Distribution) -> bool:
     if len(d.event_shape) == 0:
         return True
     if isinstance(d, tdist.Independent):
-        return _factorizes(d)
+        return _factorizes(d) or is_supported(d.base_dist)
     return _is_gaussian(d)
+
+
+def masked_event_size(d: tdist.Distribution) -> int:
+    """The number of coordinates a mask of ``d`` chooses from (0: nothing to mask).
+
+    The event size, except for independent copies of a multivariate base, whose base events
+    are masked one by one.
+    """
+    while isinstance(d, (ExpandedDistribution, MaskedDistribution)):
+        d = d.base_dist
+    if isinstance(d, tdist.Independent) and not _factorizes(d):
+        return masked_event_size(d.base_dist)
+    return d.event_shape.numel() if len(d.event_shape) else 0
 
 
 def _is_gaussian(d) -> bool:

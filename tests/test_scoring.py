@@ -1,4 +1,5 @@
 import gpytorch
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -251,3 +252,30 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
     d = dist.Normal(torch.zeros(3), 1.0).to_event(1)
     assert masked_log_prob(d, huge) == d.log_prob(huge)
+
+
+def test_independent_copies_of_a_gaussian_are_masked_one_base_event_at_a_time():
+    base = dist.MultivariateNormal(torch.randn(3, 4), random_spd(4))
+    d = base.to_event(1)  # event shape (3, 4): three independent 4-vectors
+    value = torch.randn(2, 3, 4)
+    assert torch.allclose(masked_log_prob(d, value, num_masks="all"), d.log_prob(value))
+    per_row = masked_log_prob(base, value, mask=2, num_masks="all").sum(-1)
+    assert torch.allclose(masked_log_prob(d, value, mask=2, num_masks="all"), per_row)
+    with pytest.raises(ValueError, match="outside 1..4"):
+        masked_log_prob(d, value, mask=5)
+
+
+def test_pyro_contrib_gp_models_swap_their_loss():
+    import pyro.contrib.gp as gp
+
+    from pyro_masked import MaskedELBO
+
+    inputs = torch.linspace(0, 1, 7)
+    for targets in (torch.sin(6 * inputs), torch.stack([torch.sin(6 * inputs), inputs])):
+        kernel = gp.kernels.RBF(input_dim=1)
+        model = gp.models.GPRegression(inputs, targets, kernel, noise=torch.tensor(0.1))
+        exact = pyro.infer.Trace_ELBO().loss(model.model, model.guide)
+        masked = MaskedELBO(num_masks="all").loss(model.model, model.guide)
+        assert masked == pytest.approx(exact, abs=1e-8)
+        loo = MaskedELBO(mask=1, num_masks="all").loss(model.model, model.guide)
+        assert loo != pytest.approx(exact, abs=1e-3)

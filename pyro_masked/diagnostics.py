@@ -62,7 +62,7 @@ from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS, leave_one_ou
 from pyro_masked.handlers import MaskedScore
 from pyro_masked.infer import MaskedELBO
 from pyro_masked.integrate import IntegratedObservation
-from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
+from pyro_masked.masks import FixedRate, MaskLike, MaskSchedule, as_schedule
 from pyro_masked.scoring import (
     NumMasks,
     check_num_masks,
@@ -273,13 +273,12 @@ class PointwiseMaskedLogProb:
 # --------------------------------------------------------------------------------------------
 
 
-class RateSize(MaskSchedule):
+class RateSize(FixedRate):
     """A masking rate in ``(0, 1]`` as a single mask size per site.
 
-    An event of ``D`` coordinates gets the size :math:`\\min(D, \\max(1,
-    \\mathrm{round}(\\text{rate} \\cdot D)))` (Python's ``round``, halves to even) —
-    :class:`~pyro_masked.masks.FixedRate`'s rule, so a point of the curve is what
-    ``MaskedELBO(mask=rate)`` optimises — extended to ``rate = 1`` (every coordinate hidden:
+    :class:`~pyro_masked.masks.FixedRate`'s rule, :math:`\\min(D, \\max(1,
+    \\mathrm{round}(\\text{rate} \\cdot D)))`, so a point of the curve is what
+    ``MaskedELBO(mask=rate)`` optimises, extended to ``rate = 1`` (every coordinate hidden:
     the product of the marginals).
 
     :param float rate: the fraction of coordinates hidden, in ``(0, 1]``.
@@ -287,14 +286,6 @@ class RateSize(MaskSchedule):
 
     def __init__(self, rate: float):
         self.rate = _check_rate(rate, "rate")
-
-    def mask_size(self, event_size: int) -> int:
-        return min(event_size, max(1, round(self.rate * event_size)))
-
-    def size_probs(self, event_size: int) -> torch.Tensor:
-        probs = torch.zeros(event_size, dtype=torch.float64)
-        probs[self.mask_size(event_size) - 1] = 1.0
-        return probs
 
     def __repr__(self) -> str:
         return f"RateSize({self.rate})"

@@ -1,0 +1,91 @@
+"""Write a benchmark's table to ``benchmarks/results/<name>.json`` for the documentation.
+
+The documentation's performance page is generated from these files (``docs/_ext/
+benchmark_tables.py``), so its numbers always come from a script run. Call
+:func:`write_results` at the end of a benchmark script, next to printing the same table::
+
+    from report import write_results  # benchmarks/ is the script's directory
+
+    write_results(
+        "gp_step",
+        title="GP step, N = 2000, float64: masked / GPyTorch exact",
+        columns=["objective", "median (ms)", "x exact"],
+        rows=[["exact", 101.2, 1.0], ["masked", 120.4, 1.19]],
+    )
+
+The format (one JSON object) is described in ``benchmarks/results/README.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import sys
+from typing import Optional, Sequence, Union
+
+Cell = Union[str, int, float, None]
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def describe_machine() -> str:
+    """Processor, core count, thread count, accelerator and torch version, in one line."""
+    import torch
+
+    processor = platform.processor() or platform.machine()
+    parts = [f"{processor}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
+
+
+def write_results(
+    benchmark: str,
+    *,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Cell]],
+    notes: Optional[str] = None,
+    command: Optional[str] = None,
+    machine: Optional[str] = None,
+    directory: Optional[pathlib.Path] = None,
+) -> pathlib.Path:
+    """Write one benchmark table as ``<directory>/<benchmark>.json`` and return its path.
+
+    :param benchmark: the script's name, e.g. ``"gp_step"``; also the file's name.
+    :param title: one line saying what is compared.
+    :param columns: the table's headers.
+    :param rows: the rows, each with one cell per column (strings, ints or floats).
+    :param notes: an optional sentence shown under the table.
+    :param command: the command that produced the table; defaults to this process's command
+        line, as ``python <script> <arguments>``.
+    :param machine: where it ran; defaults to :func:`describe_machine`.
+    :param directory: defaults to ``benchmarks/results``.
+    """
+    for index, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(f"rows[{index}] has {len(row)} cells for {len(columns)} columns")
+    if command is None:
+        script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else benchmark
+        command = shlex.join(["python", script, *sys.argv[1:]])
+    result = {
+        "benchmark": benchmark,
+        "title": title,
+        "command": command,
+        "machine": machine if machine is not None else describe_machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "columns": list(columns),
+        "rows": [list(row) for row in rows],
+    }
+    if notes:
+        result["notes"] = notes
+    directory = RESULTS_DIR if directory is None else pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{benchmark}.json"
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

@@ -6,6 +6,7 @@ Build with ``sphinx-build -W -b html docs docs/_build/html`` from the repository
 from __future__ import annotations
 
 import os
+import re
 import pathlib
 import shutil
 import sys
@@ -42,6 +43,9 @@ templates_path = ["_templates"]
 
 # --- autodoc: the docstrings are reST with Sphinx field lists -------------------------------
 autodoc_member_order = "bysource"
+# Overrides of torch/Pyro methods without a docstring of their own (support, log_prob, ...) are
+# left out: their contract is the base class's, documented there.
+autodoc_inherit_docstrings = False
 autodoc_typehints = "description"  # signatures stay readable; types go next to each parameter
 autodoc_typehints_description_target = "documented"
 autodoc_typehints_format = "short"
@@ -104,3 +108,16 @@ html_show_sourcelink = False
 
 # Benchmark result files rendered on the performance page (see docs/_ext/benchmark_tables.py).
 benchmark_results_dir = str(ROOT / "benchmarks" / "results")
+
+
+# A reference list item that starts with an initial ("- E. Fong, ...") would be read by docutils
+# as an alphabetic enumerated list and lose the initial; escape the period so it stays text.
+_INITIAL_AT_ITEM_START = re.compile(r"^(\s*[-*+] )([A-Z])\. ")
+
+
+def _keep_initials_in_lists(app, what, name, obj, options, lines: list[str]) -> None:
+    lines[:] = [_INITIAL_AT_ITEM_START.sub(r"\1\2\\. ", line) for line in lines]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _keep_initials_in_lists)

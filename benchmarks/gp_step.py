@@ -1,7 +1,7 @@
 """A masked GP training step against a GPyTorch exact-marginal-likelihood step.
 
-One training step (objective, backward) of an ``ExactGP`` with a ScaleKernel(RBF) on N = 2000
-points in float64, with the objective:
+One training step (objective, backward) of an ``ExactGP`` with a ScaleKernel(RBF) on N points
+(2000 by default) in float64 or float32, on the CPU or a CUDA device, with the objective:
 
 - ``exact``: :class:`gpytorch.mlls.ExactMarginalLogLikelihood` on GPyTorch's Cholesky path
   (``max_cholesky_size`` raised above N, so no iterative solver);
@@ -12,12 +12,14 @@ points in float64, with the objective:
 
 Prints the median time of several repeats per method (the methods alternate within one process,
 so changes in machine load hit all of them alike), its ratio to ``exact``, and the peak
-resident memory two steps add above the set-up model (each method in its own subprocess,
-measured with ``resource.getrusage``).
+memory two steps add above the set-up model: on the CPU the resident memory of each method in
+its own subprocess (``resource.getrusage``), on CUDA the peak of
+``torch.cuda.max_memory_allocated``.
 
 Usage::
 
-    python benchmarks/gp_step.py [--size 2000] [--repeats 7] [--threads N]
+    python benchmarks/gp_step.py [--size 2000 [4000 ...]] [--repeats 7] [--threads N]
+        [--dtype float64|float32] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _make_step(method: str, size: int):
+def _make_step(method: str, size: int, device: str = "cpu"):
     """Build the GP for ``method`` and return a function doing one training step."""
     import gpytorch
     import torch
@@ -50,6 +52,7 @@ def _make_step(method: str, size: int):
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(size, 1, generator=generator) * 10
     y = torch.sin(x[:, 0]) + 0.1 * torch.randn(size, generator=generator)
+    x, y = x.to(device), y.to(device)
 
     if method in ("exact", "masked"):
         likelihood = gpytorch.likelihoods.GaussianLikelihood()
@@ -65,7 +68,8 @@ def _make_step(method: str, size: int):
                     self.mean_module(inputs), self.covar_module(inputs)
                 )
 
-        model = Model()
+        model = Model().to(device)
+        likelihood.to(device)
         model.train()
         if method == "exact":
             mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
@@ -80,7 +84,7 @@ def _make_step(method: str, size: int):
 
         return step
 
-    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).to(device)
     gp = GPRegression(x[:, 0], y, kernel, noise=0.1)
     elbo = MaskedELBO(num_masks=1) if method == "pyro-masked" else Trace_ELBO()
 
@@ -89,70 +93,110 @@ def _make_step(method: str, size: int):
         loss = elbo.differentiable_loss(gp.model, gp.guide)
         loss.backward()
 
+    gp.to(device)
     return step
 
 
-def _setup(threads: int):
+def _setup(threads: int, dtype: str):
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(getattr(torch, dtype))
     return torch.get_num_threads()
 
 
-def _memory_worker(method: str, size: int, threads: int) -> dict:
-    """Peak resident memory that two training steps add above the set-up model."""
-    _setup(threads)
-    step = _make_step(method, size)
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _memory_worker(method: str, size: int, threads: int, dtype: str, device: str) -> dict:
+    """Peak memory that two training steps add above the set-up model."""
+    import torch
+
+    _setup(threads, dtype)
+    step = _make_step(method, size, device)
+    if device == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        setup = torch.cuda.memory_allocated()
+        step()
+        step()
+        _synchronize(device)
+        return {"peak_extra_mib": (torch.cuda.max_memory_allocated() - setup) / 2**20}
     setup_peak = _peak_rss_mib()
     step()
     step()
     return {"peak_extra_mib": max(0.0, _peak_rss_mib() - setup_peak)}
 
 
-def _timings(size: int, repeats: int, threads: int) -> tuple[dict, int]:
+def _timings(size: int, repeats: int, threads: int, dtype: str, device: str) -> tuple[dict, int]:
     """Median step time per method; methods alternate so load changes hit all alike."""
-    threads = _setup(threads)
-    steps = {method: _make_step(method, size) for method in METHODS}
+    threads = _setup(threads, dtype)
+    steps = {method: _make_step(method, size, device) for method in METHODS}
     for step in steps.values():
-        step()  # warm-up: lazy imports, allocator
+        step()  # warm-up: lazy imports, allocator, kernels
+    _synchronize(device)
     times: dict = {method: [] for method in METHODS}
     for _ in range(repeats):
         for method, step in steps.items():
             start = time.perf_counter()
             step()
+            _synchronize(device)
             times[method].append(time.perf_counter() - start)
     return {method: statistics.median(values) for method, values in times.items()}, threads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=2000, help="number of data points N")
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=[2000], help="numbers of data points N"
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per method")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_memory_worker(args.worker, args.size, args.threads)))
+        result = _memory_worker(args.worker, args.size[0], args.threads, args.dtype, args.device)
+        print(json.dumps(result))
         return
+    for size in args.size:
+        _report(size, args)
+
+
+def _report(size: int, args: argparse.Namespace) -> None:
     memory = {}
     for method in METHODS:
-        command = [sys.executable, __file__, "--worker", method, "--size", str(args.size)]
-        command += ["--threads", str(args.threads)]
+        command = [sys.executable, __file__, "--worker", method, "--size", str(size)]
+        command += ["--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[method] = json.loads(output.strip().splitlines()[-1])["peak_extra_mib"]
-    medians, threads = _timings(args.size, args.repeats, args.threads)
+    medians, threads = _timings(size, args.repeats, args.threads, args.dtype, args.device)
     baseline = medians["exact"]
+    where = "CPU" if args.device == "cpu" else _device_name()
     print(
-        f"GP training step (objective + backward), N = {args.size}, float64, CPU, "
+        f"GP training step (objective + backward), N = {size}, {args.dtype}, {where}, "
         f"{threads} torch thread(s), median of {args.repeats}"
     )
-    print(f"{'method':<14}{'median (ms)':>13}{'x exact':>10}{'peak extra (MiB)':>19}")
+    print(
+        f"{'method':<14}{'median (ms)':>13}{'x exact':>10}{'peak extra (MiB)':>19}{'x exact':>10}"
+    )
     for method, median in medians.items():
         print(
-            f"{method:<14}{1000 * median:>13.1f}{median / baseline:>10.2f}{memory[method]:>19.1f}"
+            f"{method:<14}{1000 * median:>13.1f}{median / baseline:>10.2f}"
+            f"{memory[method]:>19.1f}{memory[method] / max(memory['exact'], 1e-9):>10.2f}"
         )
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ Build with ``sphinx-build -W -b html docs docs/_build/html`` from the repository
 from __future__ import annotations
 
 import os
-import re
 import pathlib
+import re
 import shutil
 import sys
 

@@ -153,3 +153,62 @@ def test_write_results_rejects_a_row_of_the_wrong_length(tmp_path):
             "x", title="t", columns=["a", "b"], rows=[[1, 2], [3]], directory=tmp_path
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def _example_blocks(text: str):
+    """The literal blocks after a paragraph that starts with "Example" and ends with "::"."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if not line.rstrip().endswith("::"):
+            continue
+        start = index
+        while start > 0 and lines[start - 1].strip():
+            start -= 1
+        if not re.match(r"\s*Examples?\b", lines[start]):
+            continue
+        indent = len(lines[start]) - len(lines[start].lstrip())
+        block = []
+        for following in lines[index + 1 :]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            block.append(following.strip())
+        yield lines[start].strip(), [entry for entry in block if entry]
+
+
+def _package_docstrings():
+    import ast
+
+    for path in sorted((ROOT / "pyro_masked").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node, clean=False)
+                if docstring:
+                    name = getattr(node, "name", path.stem)
+                    yield f"{path.relative_to(ROOT)}:{name}", docstring
+
+
+def test_example_blocks_are_doctests_with_outputs():
+    # pytest --doctest-modules runs only ">>>" lines and checks only the lines that follow them
+    not_doctests = []
+    for where, docstring in _package_docstrings():
+        for header, block in _example_blocks(docstring):
+            prompts = [entry for entry in block if entry.startswith((">>>", "..."))]
+            outputs = [entry for entry in block if not entry.startswith((">>>", "..."))]
+            if not block or not block[0].startswith(">>>") or not outputs:
+                not_doctests.append(f"{where}: {header} {block[:1]}")
+            elif not prompts:
+                not_doctests.append(f"{where}: {header} has no >>> lines")
+    assert not not_doctests, "examples that do not run as doctests:\n" + "\n".join(not_doctests)
+
+
+def test_the_example_check_rejects_plain_code_and_missing_outputs():
+    # negative control for the check above
+    plain = "Do this.\n\nExample::\n\n    svi = SVI(model)\n\nMore text."
+    silent = "Example::\n\n    >>> x = 1\n"
+    good = "Example::\n\n    >>> 1 + 1\n    2\n"
+    assert list(_example_blocks(plain)) == [("Example::", ["svi = SVI(model)"])]
+    assert list(_example_blocks(silent)) == [("Example::", [">>> x = 1"])]
+    assert list(_example_blocks(good)) == [("Example::", [">>> 1 + 1", "2"])]
+    wrapped = "Example, on two\nlines::\n\n    f(x)\n"
+    assert list(_example_blocks(wrapped)) == [("Example, on two", ["f(x)"])]

@@ -77,6 +77,19 @@ for _stale in _TUTORIALS_DST.glob("*.ipynb"):
     if not (_TUTORIALS_SRC / _stale.name).exists():
         _stale.unlink()
 
+# The front page's first toctree lists docs/distributed.md only where the tree has it (the page is
+# written with pyro_masked.distributed), so that the site builds from any checkout.
+_GUIDE_PAGES = ["installation", "guide", "tutorials", "distributed"]
+_guide_toctree = "\n".join(
+    ["```{toctree}", ":maxdepth: 2", ":caption: Using pyro_masked", ""]
+    + [page for page in _GUIDE_PAGES if (DOCS / f"{page}.md").exists()]
+    + ["```", ""]
+)
+(DOCS / "_generated").mkdir(exist_ok=True)
+_guide_toctree_path = DOCS / "_generated" / "guide_toctree.md"
+if not _guide_toctree_path.exists() or _guide_toctree_path.read_text() != _guide_toctree:
+    _guide_toctree_path.write_text(_guide_toctree)
+
 # --- intersphinx: links into torch, Pyro, GPyTorch and linear_operator ------------------------
 # The build must pass offline (CI has no network) and must not depend on another site being up,
 # so inventories are read from docs/_inventories/<name>.inv when that file is committed; a name

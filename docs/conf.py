@@ -41,6 +41,11 @@ root_doc = "index"
 exclude_patterns = ["_build", "_inventories", "_generated", "**.ipynb_checkpoints", "README.md"]
 templates_path = ["_templates"]
 
+# A broken reference to this package's own API is an error (references into other packages
+# resolve only where their inventories are available, see intersphinx below, and are not checked).
+nitpicky = True
+nitpick_ignore_regex = [(r"py:.*", r"(?!pyro_masked\.).*"), (r"py:.*", r"pyro_masked\.\w+Like")]
+
 # --- autodoc: the docstrings are reST with Sphinx field lists -------------------------------
 autodoc_member_order = "bysource"
 # Overrides of torch/Pyro methods without a docstring of their own (support, log_prob, ...) are

@@ -15,9 +15,11 @@ import importlib
 import inspect
 import pkgutil
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 if TYPE_CHECKING:  # the checks themselves need no Sphinx, so the tests can import them
+    from docutils.nodes import Element
+    from sphinx.addnodes import pending_xref
     from sphinx.application import Sphinx
     from sphinx.environment import BuildEnvironment
 
@@ -35,17 +37,67 @@ def public_modules(package: str = PACKAGE) -> list[ModuleType]:
     return modules
 
 
+def _is_public(module_name: str) -> bool:
+    return not any(part.startswith("_") for part in module_name.split("."))
+
+
 def public_names(module: ModuleType) -> Iterator[tuple[str, Any]]:
-    """``(dotted name where documented, object)`` for every public name of ``module``."""
+    """``(dotted name where documented, object)`` for every public name of ``module``.
+
+    A name a module re-exports from another public module of the package (``pyro_masked``
+    re-exports ``MaskedELBO`` from ``pyro_masked.infer``, a package its submodules' names) is
+    documented where it is defined; references to the re-exported name resolve there.
+    """
     for name in getattr(module, "__all__", ()):
         obj = getattr(module, name)
         if inspect.ismodule(obj):
             yield obj.__name__, obj
-        elif module.__name__ == PACKAGE and hasattr(obj, "__module__"):
-            # re-exported: documented at its definition
-            yield f"{obj.__module__}.{obj.__qualname__}", obj
+            continue
+        home = getattr(obj, "__module__", None)
+        qualname = getattr(obj, "__qualname__", None)
+        if (
+            isinstance(home, str)
+            and isinstance(qualname, str)
+            and home != module.__name__
+            and home.startswith(f"{PACKAGE}.")
+            and _is_public(home)
+        ):
+            yield f"{home}.{qualname}", obj
         else:
             yield f"{module.__name__}.{name}", obj
+
+
+def canonical_name(dotted: str) -> Optional[str]:
+    """Where the object a dotted ``pyro_masked`` name refers to is documented, or ``None``.
+
+    ``pyro_masked.MaskedELBO`` gives ``pyro_masked.infer.MaskedELBO``; a method or attribute
+    path keeps its tail (``pyro_masked.MaskRateCurve.plot`` gives the ``plot`` of the class
+    where it is defined).
+    """
+    parts = dotted.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for index, part in enumerate(parts[split:]):
+            if not hasattr(obj, part):
+                return None
+            obj = getattr(obj, part)
+            home = getattr(obj, "__module__", None)
+            qualname = getattr(obj, "__qualname__", None)
+            if (
+                (inspect.isclass(obj) or inspect.isfunction(obj))
+                and isinstance(home, str)
+                and home.startswith(PACKAGE)
+                and isinstance(qualname, str)
+            ):
+                tail = parts[split + index + 1 :]
+                return ".".join([home, qualname, *tail])
+        return None
+    return None
 
 
 def public_callables(module: ModuleType) -> Iterator[tuple[str, Any]]:
@@ -101,6 +153,28 @@ def _check(app: Sphinx, env: BuildEnvironment) -> None:
         logger.warning(problem)
 
 
+def _resolve_reexport(
+    app: Sphinx, env: BuildEnvironment, node: pending_xref, contnode: Element
+) -> Optional[Element]:
+    """Resolve a reference to a re-exported name (``pyro_masked.MaskedELBO``) to its page."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    module = node.get("py:module") or ""
+    candidates = [target] if target.startswith(PACKAGE) else []
+    if module and not target.startswith(PACKAGE):
+        candidates.append(f"{module}.{target}")
+    domain = env.get_domain("py")
+    for candidate in candidates:
+        canonical = canonical_name(candidate)
+        if canonical and canonical != candidate:
+            return domain.resolve_xref(
+                env, node["refdoc"], app.builder, node["reftype"], canonical, node, contnode
+            )
+    return None
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("env-check-consistency", _check)
+    app.connect("missing-reference", _resolve_reexport)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

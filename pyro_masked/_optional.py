@@ -1,8 +1,9 @@
 """Imports of optional dependencies, with an error that says which extra installs them.
 
-As in Pyro, what only some users need is an extra rather than a core dependency:
-``matplotlib`` (the ``plot`` extra) draws the diagnostics' figures and the main job's forecast.
-``tqdm`` is a core dependency, as it is Pyro's.
+As in Pyro, what only some users need is an extra rather than a core dependency: matplotlib
+(the ``plot`` extra) draws the diagnostics' figures and the main job's forecast, ArviZ (``arviz``)
+receives pointwise log predictives and scikit-learn (``local``) is the default nearest-neighbour
+search of local contexts on the CPU. tqdm is a core dependency, as it is Pyro's.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["OPTIONAL_EXTRAS", "import_optional"]
+__all__ = ["DISTRIBUTION_NAMES", "OPTIONAL_EXTRAS", "import_optional"]
 
 #: The extra of this package that installs each optional top-level module.
-OPTIONAL_EXTRAS: dict[str, str] = {"matplotlib": "plot"}
+OPTIONAL_EXTRAS: dict[str, str] = {
+    "matplotlib": "plot",
+    "arviz": "arviz",
+    "sklearn": "local",
+}
+
+#: The distribution (pip) name of each optional top-level module, where it differs.
+DISTRIBUTION_NAMES: dict[str, str] = {"sklearn": "scikit-learn"}
 
 
 def import_optional(name: str, purpose: str) -> ModuleType:
@@ -34,7 +42,8 @@ def import_optional(name: str, purpose: str) -> ModuleType:
         if error.name is not None and error.name.partition(".")[0] != package:
             raise  # the package is there but something it imports is broken: say that instead
         extra = OPTIONAL_EXTRAS[package]
+        distribution = DISTRIBUTION_NAMES.get(package, package)
         raise ImportError(
             f"{purpose} needs {package}, which is not installed; install it with "
-            f'pip install "pyro_masked[{extra}]" (or pip install {package})'
+            f'pip install "pyro_masked[{extra}]" (or pip install {distribution})'
         ) from error

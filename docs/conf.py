@@ -69,6 +69,14 @@ nb_merge_streams = True
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 
+
+def _write_if_changed(path: pathlib.Path, text: str) -> None:
+    """Write a generated source file only when its text changes (keeps builds incremental)."""
+    path.parent.mkdir(exist_ok=True)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+
+
 # The tutorials live in tutorials/ at the repository root, outside the Sphinx source tree;
 # copy them in (only when changed, so incremental builds stay incremental).
 _TUTORIALS_SRC = ROOT / "tutorials"
@@ -90,10 +98,25 @@ _guide_toctree = "\n".join(
     + [page for page in _GUIDE_PAGES if (DOCS / f"{page}.md").exists()]
     + ["```", ""]
 )
-(DOCS / "_generated").mkdir(exist_ok=True)
-_guide_toctree_path = DOCS / "_generated" / "guide_toctree.md"
-if not _guide_toctree_path.exists() or _guide_toctree_path.read_text() != _guide_toctree:
-    _guide_toctree_path.write_text(_guide_toctree)
+_write_if_changed(DOCS / "_generated" / "guide_toctree.md", _guide_toctree)
+
+# The tutorials page lists the notebooks in reading order, then any others alphabetically.
+_TUTORIAL_ORDER = [
+    "start_here",
+    "ppca_convergence",
+    "training_curves",
+    "mask_rate_curve",
+    "gp_regression",
+    "binary_digits",
+]
+_notebooks = sorted(path.stem for path in _TUTORIALS_DST.glob("*.ipynb"))
+_ordered = [name for name in _TUTORIAL_ORDER if name in _notebooks]
+_ordered += [name for name in _notebooks if name not in _ordered]
+_write_if_changed(
+    DOCS / "_generated" / "tutorials_toctree.md",
+    "\n".join(["```{toctree}", ":maxdepth: 1", ""] + [f"tutorials/{n}" for n in _ordered])
+    + "\n```\n",
+)
 
 # --- intersphinx: links into torch, Pyro, GPyTorch and linear_operator ------------------------
 # The build must pass offline (CI has no network) and must not depend on another site being up,

@@ -54,8 +54,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from linear_operator.operators import DenseLinearOperator
-from linear_operator.utils.cholesky import psd_safe_cholesky
-from linear_operator.utils.errors import NanError, NotPSDError
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal
@@ -63,6 +61,7 @@ from pyro.nn import PyroModule, PyroParam, PyroSample, pyro_method
 from tqdm import tqdm
 
 from pyro_masked.infer import MaskedELBO
+from pyro_masked.linalg import cholesky
 from pyro_masked.masks import MaskLike
 from pyro_masked.scoring import NumMasks
 
@@ -82,24 +81,22 @@ class _GPTargetDistribution(gpytorch.distributions.MultivariateNormal):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         covariance = self.lazy_covariance_matrix.to_dense()
-        factor = _cholesky(covariance, "the covariance of the targets y")
+        factor = _target_cholesky(covariance)
         residual = (value - self.loc).unsqueeze(-1)
         whitened = torch.linalg.solve_triangular(factor, residual, upper=False).squeeze(-1)
         half_log_det = torch.diagonal(factor, dim1=-2, dim2=-1).log().sum(-1)
         return -0.5 * whitened.square().sum(-1) - half_log_det - 0.5 * value.shape[-1] * _LOG_2PI
 
 
-def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
-    try:
-        return psd_safe_cholesky(matrix)
-    except NanError as error:
-        raise ValueError(f"{what} contains NaN: the hyperparameters are not finite") from error
-    except NotPSDError as error:
-        raise ValueError(
-            f"{what} is not positive definite even after adding jitter: the inputs X make the "
-            "kernel matrix singular and the noise is too small to regularise it "
-            f"(duplicate inputs without noise?). ({error})"
-        ) from error
+_TARGET_COVARIANCE = "the GP's covariance of the targets y"
+_SINGULAR_HINT = (
+    "The inputs X make the kernel matrix singular and the noise is too small to regularise it "
+    "(duplicate inputs without noise?)."
+)
+
+
+def _target_cholesky(covariance: torch.Tensor) -> torch.Tensor:
+    return cholesky(covariance, what=_TARGET_COVARIANCE, hint=_SINGULAR_HINT)
 
 
 class _DenseKernel(torch.nn.Module):
@@ -349,9 +346,7 @@ class GPRegression(PyroModule):
         with pyro.get_param_store().scope():
             overrides = self._median_hyperparameters()
             noise = self._noise_value(use_median=True)
-            factor = _cholesky(
-                self._target_covariance(overrides, noise), "the covariance of the targets y"
-            )
+            factor = _target_cholesky(self._target_covariance(overrides, noise))
             residual = (self.y - self._mean(self.X, overrides)).unsqueeze(-1)
             weights = torch.cholesky_solve(residual, factor).squeeze(-1)
             cross = self._kernel(self.X, Xnew, overrides)  # (N, M)

@@ -24,6 +24,7 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from pyro_masked.masks import MaskLike, as_schedule
 from pyro_masked.scoring import NumMasks, all_finite, check_num_masks, masked_log_prob
+from pyro_masked.util import private_generator
 
 __all__ = [
     "MaskedMarginalLogLikelihood",
@@ -225,17 +226,10 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
 
     def _masked_score(self, marginal, target: torch.Tensor, num_data: int) -> torch.Tensor:
         num_masks = self.resolved_num_masks(num_data)
-        if self.seed is None:
-            return masked_log_prob(marginal, target, self.schedule, num_masks)
-        # Fork the generator of the device the permutations are drawn on, so the caller's
-        # random stream is unchanged and every call sees the same masks.
-        device = target.device
-        devices = []
-        if device.type == "cuda":
-            devices = [device.index if device.index is not None else torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            return masked_log_prob(marginal, target, self.schedule, num_masks)
+        # The deterministic mode re-seeds a private generator at every call, so every call
+        # draws the same permutations and the caller's generators are never read or reseeded.
+        generator = None if self.seed is None else private_generator(self.seed, target.device)
+        return masked_log_prob(marginal, target, self.schedule, num_masks, generator=generator)
 
     def compute_custom_loss(self, **kwargs: Any) -> torch.Tensor:
         """The negative objective on the model's own training data, as BoTorch evaluates it.

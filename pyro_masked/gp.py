@@ -184,7 +184,7 @@ class GPRegression(PyroModule):
     cross-validation over data points, every :math:`p` for ``mask="cumulative"``).
 
     The signature is :class:`pyro.contrib.gp.models.GPRegression`'s
-    (``X, y, kernel, mean_function=None, noise=None, jitter=1e-6``), with these differences:
+    (``X, y, kernel, noise=None, mean_function=None, jitter=1e-6``), with these differences:
 
     - ``kernel`` is a GPyTorch kernel, not a ``pyro.contrib.gp`` one (the package is for
       GPyTorch's kernels; a ``pyro.contrib.gp`` model can be masked as it is, with
@@ -204,11 +204,11 @@ class GPRegression(PyroModule):
     :param X: inputs, shape ``(N,)`` or ``(N, d)``; a 1-D tensor is one input dimension.
     :param y: targets, shape ``(N,)``.
     :param kernel: any :class:`gpytorch.kernels.Kernel` (scaled, sums, products, ARD).
+    :param noise: initial variance :math:`\\sigma^2` of the Gaussian noise, a positive number
+        or scalar tensor (learned); ``None`` is 1, as in Pyro.
     :param mean_function: a :class:`gpytorch.means.Mean`, any other :class:`torch.nn.Module`
         or callable mapping ``X`` of shape ``(N, d)`` to shape ``(N,)``, or ``None`` (the zero
         mean). Priors on its hyperparameters need a module.
-    :param noise: initial variance :math:`\\sigma^2` of the Gaussian noise, a positive number
-        or scalar tensor (learned); ``None`` is 1, as in Pyro.
     :param jitter: added to the diagonal for numerical stability, not learned.
     :param priors: optional priors on hyperparameters, keyed by ``"noise"`` or the dotted name of
         a GPyTorch hyperparameter under ``"kernel."`` or ``"mean_function."`` (the constrained
@@ -229,8 +229,8 @@ class GPRegression(PyroModule):
         X: torch.Tensor,
         y: torch.Tensor,
         kernel: gpytorch.kernels.Kernel,
-        mean_function: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         noise: Union[float, torch.Tensor, None] = None,
+        mean_function: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         jitter: float = 1e-6,
         *,
         priors: Optional[Mapping[str, dist.Distribution]] = None,

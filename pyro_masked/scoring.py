@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.distributions as tdist
@@ -74,6 +74,9 @@ def masked_log_prob(
     value: torch.Tensor,
     mask: MaskLike = "cumulative",
     num_masks: NumMasks = 1,
+    *,
+    mask_groups: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Masked pre-training estimate of ``d.log_prob(value)``, masking over the event dimension.
 
@@ -101,13 +104,22 @@ def masked_log_prob(
         exact expectation over every mask of the chosen sizes. ``"all"`` is closed form for
         sizes ``1`` (leave-one-out) and ``D``; other sizes enumerate their masks, at most
         :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` in all.
+    :param mask_groups: ``None`` (default): vectors that share a covariance (the data points of
+        a plate) share the permutations of a call. An int ``G``: the vectors of the batch, in
+        order, are split into ``G`` groups with independent permutations (``G`` at least the
+        number of vectors: one group per vector). Gaussian models only.
+    :param generator: a :class:`torch.Generator` the random permutations are drawn from, on the
+        data's device; ``None`` uses torch's global generator.
     :returns: a tensor of shape ``broadcast(d.batch_shape, value.shape[:-event_dim])``.
 
-    Vectors that share a covariance (the data points of a plate) share the permutations of a
-    call, so their masking errors are correlated: the spread of a sum over ``N`` points grows
-    like ``N``, not ``sqrt(N)``. Raising ``num_masks`` costs one :math:`O(D^3)` factorization
-    per permutation, but no extra :math:`O(N D^2)` work, since the permutations are averaged
-    before they meet the data.
+    With shared permutations the masking errors of the vectors are correlated: the spread of a
+    sum over ``N`` points grows like ``N``, not ``sqrt(N)``, so the relative error of
+    :math:`\\sum_n \\log p(x_n)` does not shrink with ``N``. That suits training (every step sees
+    the same masks on every point, and raising ``num_masks`` costs one :math:`O(D^3)`
+    factorization per permutation but no extra :math:`O(N D^2)` work, since the permutations
+    are averaged before they meet the data). For evidence estimates and model comparison pass
+    ``mask_groups=N``: independent permutations per vector cost :math:`O(N D^3)` and the
+    relative error falls like :math:`1/\\sqrt{N}`; ``G`` groups cost :math:`O(G D^3 + N D^2)`.
 
     Example::
 
@@ -131,16 +143,33 @@ def masked_log_prob(
         )
     if not all_finite(value):
         raise ValueError("value contains NaN or infinite entries")
-    return _masked_log_prob(d, value, schedule, num_masks)
+    check_mask_groups(mask_groups)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return _masked_log_prob(d, value, schedule, num_masks, mask_groups, generator)
 
 
-def _masked_log_prob(d, value, schedule, num_masks) -> torch.Tensor:
+def check_mask_groups(mask_groups: Optional[int]) -> Optional[int]:
+    """Validate the ``mask_groups`` argument: ``None`` or an int >= 1."""
+    if mask_groups is None:
+        return None
+    if isinstance(mask_groups, bool) or not isinstance(mask_groups, numbers.Integral):
+        raise TypeError(f"mask_groups must be None or an int >= 1, got {mask_groups!r}")
+    if mask_groups < 1:
+        raise ValueError(f"mask_groups must be >= 1, got {mask_groups}")
+    return int(mask_groups)
+
+
+def _masked_log_prob(
+    d, value, schedule, num_masks, mask_groups=None, generator=None
+) -> torch.Tensor:
     """Dispatch on the distribution's type; arguments are already validated."""
+    extra = (mask_groups, generator)
     if isinstance(d, MaskedDistribution):
-        score = _masked_log_prob(d.base_dist, value, schedule, num_masks)
+        score = _masked_log_prob(d.base_dist, value, schedule, num_masks, *extra)
         return torch.where(d._mask, score, score.new_zeros(()))
     if isinstance(d, ExpandedDistribution):
-        score = _masked_log_prob(d.base_dist, value, schedule, num_masks)
+        score = _masked_log_prob(d.base_dist, value, schedule, num_masks, *extra)
         return score.expand(broadcast_shape(score.shape, d.batch_shape))
     if len(d.event_shape) == 0:
         return d.log_prob(value)
@@ -148,7 +177,7 @@ def _masked_log_prob(d, value, schedule, num_masks) -> torch.Tensor:
         if _factorizes(d):
             return d.log_prob(value)
         # Independent copies of a multivariate base: each base event is masked on its own.
-        score = _masked_log_prob(d.base_dist, value, schedule, num_masks)
+        score = _masked_log_prob(d.base_dist, value, schedule, num_masks, *extra)
         return score.sum(tuple(range(-d.reinterpreted_batch_ndims, 0)))
     gaussian = gaussian_parts(d)
     if gaussian is None:
@@ -157,7 +186,7 @@ def _masked_log_prob(d, value, schedule, num_masks) -> torch.Tensor:
             f"supported are {SUPPORTED_DISTRIBUTIONS}"
         )
     loc, covariance = gaussian
-    return _grouped_gaussian_score(loc, covariance, value, schedule, num_masks)
+    return _grouped_gaussian_score(loc, covariance, value, schedule, num_masks, *extra)
 
 
 def _factorizes(d: tdist.Independent) -> bool:
@@ -255,7 +284,9 @@ class _ResidualScatter:
         return scatter[None]
 
 
-def _grouped_gaussian_score(loc, covariance, value, schedule, num_masks) -> torch.Tensor:
+def _grouped_gaussian_score(
+    loc, covariance, value, schedule, num_masks, mask_groups=None, generator=None
+) -> torch.Tensor:
     """Group vectors that share a covariance, score them, and restore the batch shape."""
     size = value.shape[-1]
     size_weights = schedule.size_weights(size, dtype=value.dtype, device=value.device)
@@ -281,7 +312,13 @@ def _grouped_gaussian_score(loc, covariance, value, schedule, num_masks) -> torc
     if num_groups == 1 and loc.shape[:-1].numel() == 1 and value.shape == batch_shape + (size,):
         scatter = _ResidualScatter(value, loc)
     scores = gaussian_masked_score(
-        covariance.reshape(num_groups, size, size), grouped, size_weights, num_masks, scatter
+        covariance.reshape(num_groups, size, size),
+        grouped,
+        size_weights,
+        num_masks,
+        scatter,
+        mask_groups=mask_groups,
+        generator=generator,
     )
     scores = scores.reshape([batch_shape[i] for i in order])
     return scores.permute([order.index(i) for i in range(len(order))])

@@ -78,11 +78,12 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 class _PermuteSymmetric(torch.autograd.Function):
-    """``out[b, s] = K[b][perm[s]][:, perm[s]]`` with a gather-only backward.
+    """``out[b, s] = K[b][perm[b, s]][:, perm[b, s]]`` with a gather-only backward.
 
-    Advanced indexing's backward accumulates with a scatter, which costs several times the
-    Cholesky factorization at GP sizes; the gradient of a permutation is the inverse
-    permutation applied to the incoming gradient.
+    ``perms`` has shape ``(1, S, D)`` (shared by every matrix) or ``(B, S, D)``. Advanced
+    indexing's backward accumulates with a scatter, which costs several times the Cholesky
+    factorization at GP sizes; the gradient of a permutation is the inverse permutation applied
+    to the incoming gradient.
     """
 
     @staticmethod
@@ -93,41 +94,40 @@ class _PermuteSymmetric(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (perms,) = ctx.saved_tensors
-        inverse = torch.argsort(perms, dim=-1)
-        batch, num_perms, size = grad_out.shape[0], grad_out.shape[1], grad_out.shape[-1]
         # grad_K = sum_s grad_out[s][inv_s][:, inv_s]
-        rows = torch.gather(
-            grad_out, 2, inverse[None, :, :, None].expand(batch, num_perms, size, size)
-        )
-        both = torch.gather(rows, 3, inverse[None, :, None, :].expand(batch, num_perms, size, size))
-        return both.sum(1), None
+        return _gather_symmetric(grad_out, torch.argsort(perms, dim=-1)).sum(1), None
 
 
 def _gather_symmetric(matrix: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """``out[b, s] = matrix[b, (s)][perm[b, s]][:, perm[b, s]]``; ``matrix`` is ``(B, D, D)`` or
+    ``(B, S, D, D)``; ``perms`` is ``(S, D)``, ``(1, S, D)`` or ``(B, S, D)``."""
+    if perms.dim() == 2:
+        perms = perms[None]
     batch, size = matrix.shape[0], matrix.shape[-1]
-    num_perms = perms.shape[0]
-    rows = matrix.index_select(-2, perms.reshape(-1)).view(batch, num_perms, size, size)
-    return torch.gather(rows, 3, perms[None, :, None, :].expand(batch, num_perms, size, size))
+    num_perms = perms.shape[1]
+    full = (batch, num_perms, size, size)
+    if matrix.dim() == 3 and perms.shape[0] == 1:
+        rows = matrix.index_select(-2, perms.reshape(-1)).view(full)
+    else:
+        if matrix.dim() == 3:
+            matrix = matrix[:, None].expand(full)
+        rows = torch.gather(matrix, 2, perms[:, :, :, None].expand(full))
+    return torch.gather(rows, 3, perms[:, :, None, :].expand(full))
 
 
 class _UnpermuteSymmetric(torch.autograd.Function):
-    """``out[b] = mean_s B[b, s][inv[s]][:, inv[s]]``, the inverse of :class:`_PermuteSymmetric`."""
+    """``out[b] = mean_s B[b, s][inv[b, s]][:, inv[b, s]]``, the inverse of
+    :class:`_PermuteSymmetric`."""
 
     @staticmethod
     def forward(ctx, matrices: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(perms)
-        inverse = torch.argsort(perms, dim=-1)
-        batch, num_perms, size = matrices.shape[0], matrices.shape[1], matrices.shape[-1]
-        rows = torch.gather(
-            matrices, 2, inverse[None, :, :, None].expand(batch, num_perms, size, size)
-        )
-        both = torch.gather(rows, 3, inverse[None, :, None, :].expand(batch, num_perms, size, size))
-        return both.mean(1)
+        return _gather_symmetric(matrices, torch.argsort(perms, dim=-1)).mean(1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (perms,) = ctx.saved_tensors
-        num_perms = perms.shape[0]
+        num_perms = perms.shape[-2]
         return _gather_symmetric(grad_out, perms) / num_perms, None
 
 
@@ -260,13 +260,29 @@ def _quadratic_form(factor: torch.Tensor, weights: torch.Tensor):
 
 
 def random_permutations(
-    num_perms: int, size: int, device: Optional[torch.device] = None
+    num_perms: int,
+    size: int,
+    device: Optional[torch.device] = None,
+    *,
+    num_groups: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """``num_perms`` uniformly random permutations of ``range(size)``, shape ``(num_perms, size)``.
+    """Uniformly random permutations of ``range(size)``.
 
-    Drawn from torch's global generator, so ``pyro.set_rng_seed`` makes them reproducible.
+    :param num_perms: permutations per group.
+    :param size: the number of coordinates permuted.
+    :param num_groups: ``None`` for shape ``(num_perms, size)``, else shape
+        ``(num_groups, num_perms, size)``, every group drawn independently.
+    :param generator: a :class:`torch.Generator` to draw from (on ``device``); ``None`` draws
+        from torch's global generator, so ``pyro.set_rng_seed`` makes them reproducible.
     """
-    return torch.argsort(torch.rand(num_perms, size, device=device), dim=-1)
+    shape = (num_perms, size) if num_groups is None else (num_groups, num_perms, size)
+    if generator is not None and generator.device.type != torch.device(device or "cpu").type:
+        raise ValueError(
+            f"generator is on {generator.device}, but the permutations are drawn on "
+            f"{torch.device(device or 'cpu')}: pass a generator on the data's device"
+        )
+    return torch.argsort(torch.rand(shape, device=device, generator=generator), dim=-1)
 
 
 def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
@@ -291,19 +307,25 @@ def _permuted_scores(
     """Masked scores averaged over ``perms``.
 
     ``covariance`` ``(B, D, D)``, ``residuals`` ``(B, n, D)``, ``weights`` ``(D,)`` context
-    weights, ``perms`` ``(S, D)``; ``scatter`` as in :class:`_QuadraticForms`. Returns
-    ``(B, n)``.
+    weights, ``perms`` ``(S, D)`` shared by every group, or ``(B, S, D)``, one set per group;
+    ``scatter`` as in :class:`_QuadraticForms`. Returns ``(B, n)``.
     """
     batch, num_vectors, size = residuals.shape
-    num_perms = perms.shape[0]
+    if perms.dim() == 2:
+        perms = perms[None]
+    num_perms = perms.shape[1]
     factor = _cholesky(_PermuteSymmetric.apply(covariance, perms))  # (B, S, D, D)
     if num_vectors >= max(2, size // _QUADRATIC_FORM_MIN_VECTORS):
         constant, precision_like = _quadratic_form(factor, weights)
         matrix = _UnpermuteSymmetric.apply(precision_like, perms)  # (B, D, D)
         quadratic = _QuadraticForms.apply(matrix, residuals, scatter)
         return constant.mean(1)[:, None] - 0.5 * quadratic
-    permuted = residuals.index_select(-1, perms.reshape(-1))
-    permuted = permuted.view(batch, num_vectors, num_perms, size).transpose(1, 2)
+    if perms.shape[0] == 1:
+        permuted = residuals.index_select(-1, perms.reshape(-1))
+        permuted = permuted.view(batch, num_vectors, num_perms, size).transpose(1, 2)
+    else:
+        full = (batch, num_perms, num_vectors, size)
+        permuted = torch.gather(residuals[:, None].expand(full), 3, perms[:, :, None].expand(full))
     whitened = torch.linalg.solve_triangular(factor, permuted.mT, upper=False).mT
     scores = _ResidualFormScore.apply(
         factor.reshape(batch * num_perms, size, size),
@@ -311,6 +333,46 @@ def _permuted_scores(
         weights,
     )
     return scores.view(batch, num_perms, num_vectors).mean(1)
+
+
+def _grouped_permuted_scores(
+    covariance: torch.Tensor,
+    residuals: torch.Tensor,
+    weights: torch.Tensor,
+    num_perms: int,
+    num_groups: int,
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """Masked scores with independent permutations for each of ``num_groups`` groups of vectors.
+
+    The ``B * n`` vectors of ``residuals`` ``(B, n, D)``, in order, are split into
+    ``G = min(num_groups, B * n)`` contiguous groups of near-equal size; every group draws its
+    own ``num_perms`` permutations. A group that spans several covariances is scored with each
+    of them on its share of vectors, so the work is one permuted factorization per (covariance,
+    group) pair, :math:`O((B + G) S D^3 + B n D^2)` in all. Returns ``(B, n)``.
+    """
+    batch, num_vectors, size = residuals.shape
+    total = batch * num_vectors
+    num_groups = min(num_groups, total)
+    device = residuals.device
+    perms = random_permutations(
+        num_perms, size, device, num_groups=num_groups, generator=generator
+    )  # (G, S, D)
+    flat = torch.arange(total, device=device)
+    group_of = flat * num_groups // total  # non-decreasing, every group non-empty
+    cov_of = flat // num_vectors
+    # Vectors with the same (covariance, group) form a contiguous run: one "pair" each.
+    _, run_lengths = torch.unique_consecutive(cov_of * num_groups + group_of, return_counts=True)
+    run_starts = torch.cumsum(run_lengths, 0) - run_lengths
+    run_of = torch.repeat_interleave(torch.arange(len(run_lengths), device=device), run_lengths)
+    position = flat - run_starts[run_of]
+    longest = int(run_lengths.max())
+    padded = residuals.new_zeros(len(run_lengths), longest, size)
+    padded[run_of, position] = residuals.reshape(total, size)
+    scores = _permuted_scores(
+        covariance[cov_of[run_starts]], padded, weights, perms[group_of[run_starts]]
+    )
+    return scores[run_of, position].reshape(batch, num_vectors)
 
 
 def _subset_permutations(size: int, mask_size: int, device) -> torch.Tensor:
@@ -355,6 +417,9 @@ def gaussian_masked_score(
     size_weights: torch.Tensor,
     num_masks,
     scatter=None,
+    *,
+    mask_groups: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Masked estimate of :math:`\\log \\mathcal{N}(x; \\mu, \\Sigma)` for grouped residuals.
 
@@ -365,6 +430,16 @@ def gaussian_masked_score(
         over every mask of the sizes with non-zero weight).
     :param scatter: optional callable returning :math:`\\sum_n e_n e_n^\\top` per group, shape
         ``(B, D, D)``, used by the backward pass when it applies (see :class:`_QuadraticForms`).
+    :param mask_groups: ``None``: every vector shares the ``num_masks`` permutations, one
+        :math:`O(D^3)` factorization per covariance and permutation. An int :math:`G`: the
+        ``B * n`` vectors are split, in order, into :math:`G` groups with independent
+        permutations (:math:`G \\ge B n` means one group per vector), costing
+        :math:`O(G S D^3 + B n D^2)`. Independent groups make the errors of a sum over
+        vectors add like independent errors, so the relative error of
+        :math:`\\sum_n \\log p(x_n)` falls like :math:`1/\\sqrt{G}`; shared permutations give
+        correlated errors that do not average out. Ignored for ``"all"`` (no randomness).
+    :param generator: the :class:`torch.Generator` the permutations are drawn from (``None``:
+        torch's global generator).
     :returns: shape ``(B, n)``.
     """
     size = residuals.shape[-1]
@@ -372,7 +447,11 @@ def gaussian_masked_score(
         context_weights = size_weights.flip(0) / torch.arange(
             size, 0, -1, dtype=size_weights.dtype, device=size_weights.device
         )
-        perms = random_permutations(num_masks, size, device=residuals.device)
+        if mask_groups is not None:
+            return _grouped_permuted_scores(
+                covariance, residuals, context_weights, num_masks, mask_groups, generator
+            )
+        perms = random_permutations(num_masks, size, residuals.device, generator=generator)
         return _permuted_scores(covariance, residuals, context_weights, perms, scatter)
     total = 0.0
     for index in torch.nonzero(size_weights).flatten().tolist():  # entry m - 1 for size m

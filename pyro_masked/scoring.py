@@ -233,36 +233,74 @@ def gaussian_parts(d):
     if isinstance(d, tdist.LowRankMultivariateNormal):
         factor = d._unbroadcasted_cov_factor
         covariance = factor @ factor.mT + torch.diag_embed(d._unbroadcasted_cov_diag)
-        return d.loc, covariance
+        return _unexpand(d.loc, 1), covariance
     if getattr(d, "islazy", False):  # GPyTorch, covariance a LinearOperator: nothing factored yet
-        return d.loc, d.lazy_covariance_matrix.to_dense()
+        return _unexpand(d.loc, 1), d.lazy_covariance_matrix.to_dense()
     # torch (and non-lazy GPyTorch) keep the covariance they were given; read it from the
     # instance, since GPyTorch's property would rebuild it from the Cholesky factor.
     if "covariance_matrix" in d.__dict__:
-        return d.loc, _unexpand(d.__dict__["covariance_matrix"], 2)
+        return _unexpand(d.loc, 1), _unexpand(d.__dict__["covariance_matrix"], 2)
     scale_tril = d._unbroadcasted_scale_tril
-    return d.loc, scale_tril @ scale_tril.mT
+    return _unexpand(d.loc, 1), scale_tril @ scale_tril.mT
 
 
 def _unexpand(tensor: torch.Tensor, event_dims: int) -> torch.Tensor:
-    """Undo ``expand`` on batch dimensions (stride 0), so shared matrices are factored once."""
+    """Undo ``expand`` on batch dimensions (stride 0), so shared matrices are factored once.
+
+    A plate expands a distribution built outside it, so its covariance is a stride-0 view of
+    one matrix. Slicing that view would be correct, but its backward materialises a zero
+    gradient of the full expanded shape (an :math:`N \\times D \\times D` tensor for a plate of
+    :math:`N` vectors) before the expansion's backward sums it. When the view is a plain
+    broadcast of the tensor it was taken from, that tensor is used instead: same values,
+    and the gradient flows to it directly.
+    """
     index = tuple(
         slice(0, 1) if stride == 0 and size > 1 else slice(None)
         for size, stride in zip(tensor.shape[:-event_dims], tensor.stride()[:-event_dims])
     )
+    if all(part == slice(None) for part in index):
+        return tensor
+    base = tensor._base
+    if base is not None and _is_broadcast_of(tensor, base):
+        return base.reshape((1,) * (tensor.dim() - base.dim()) + tuple(base.shape))
     return tensor[index]
+
+
+def _is_broadcast_of(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` is exactly ``base.expand(view.shape)``, read from shapes and strides."""
+    if base.dim() > view.dim() or view.storage_offset() != base.storage_offset():
+        return False
+    leading = view.dim() - base.dim()
+    if any(stride != 0 for stride in view.stride()[:leading]):
+        return False
+    for base_size, base_stride, size, stride in zip(
+        base.shape, base.stride(), view.shape[leading:], view.stride()[leading:]
+    ):
+        if base_size == size:
+            if size > 1 and stride != base_stride:
+                return False
+        elif base_size != 1 or stride != 0:
+            return False
+    return True
 
 
 class _ResidualScatter:
     """:math:`\\sum_n (x_n - \\mu)(x_n - \\mu)^\\top` for data ``x`` sharing one mean, on demand.
 
-    The data's own scatter :math:`X^\\top X` and sum are cached for as long as the data tensor
-    lives unchanged (the observations of a model are the same tensor at every step), so the
-    masked score's backward pass costs :math:`O(D^2)` instead of :math:`O(N D^2)` in the data.
+    The observations of a model are usually the same tensor at every step, so the data's own
+    scatter :math:`X^\\top X` and sum are kept with the data tensor (an entry dies with it) and
+    the masked score's backward pass costs :math:`O(N D)` instead of :math:`O(N D^2)`. An entry
+    is used only while a private copy of the data it was computed from is equal to the data,
+    element by element: a buffer refilled behind autograd's back (``x.data.copy_``, a NumPy
+    array under ``torch.from_numpy`` rewritten) has no version bump, so neither identity nor
+    version can tell that it changed. The comparison reads :math:`2 N D` numbers, a fraction of
+    the :math:`2 N D^2` operations it saves.
+
+    CPU data only: on an accelerator the comparison would synchronise the device in every
+    backward pass, and the product it saves is cheap there.
     """
 
-    _cache: dict = {}
-    _max_entries = 8
+    _entries: dict = {}  # id(data) -> (copy of data, X^T X, sum of rows); removed with the data
 
     def __init__(self, value: torch.Tensor, loc: torch.Tensor):
         self.value = value
@@ -271,17 +309,21 @@ class _ResidualScatter:
     def __call__(self) -> torch.Tensor:
         data = self.value.detach().reshape(-1, self.value.shape[-1])
         key = id(self.value)
-        entry = self._cache.get(key)
-        if entry is None or entry[0]() is not self.value or entry[1] != self.value._version:
-            if len(self._cache) >= self._max_entries:
-                self._cache.pop(next(iter(self._cache)))
-            entry = (weakref.ref(self.value), self.value._version, data.mT @ data, data.sum(0))
-            self._cache[key] = entry
-        _, _, second_moment, total = entry
+        entry = self._entries.get(key)
+        if entry is None or not _same_values(entry[0], data):
+            if entry is None:
+                weakref.finalize(self.value, self._entries.pop, key, None)
+            entry = (data.clone(), data.mT @ data, data.sum(0))
+            self._entries[key] = entry
+        _, second_moment, total = entry
         loc = self.loc
         cross = torch.outer(total, loc)
         scatter = second_moment - cross - cross.mT + data.shape[0] * torch.outer(loc, loc)
         return scatter[None]
+
+
+def _same_values(copy: torch.Tensor, data: torch.Tensor) -> bool:
+    return copy.shape == data.shape and copy.dtype == data.dtype and torch.equal(copy, data)
 
 
 def _grouped_gaussian_score(
@@ -309,7 +351,12 @@ def _grouped_gaussian_score(
     num_groups = math.prod(cov_shape)
     grouped = grouped.reshape(num_groups, -1, size)
     scatter = None
-    if num_groups == 1 and loc.shape[:-1].numel() == 1 and value.shape == batch_shape + (size,):
+    if (
+        num_groups == 1
+        and loc.shape[:-1].numel() == 1
+        and value.shape == batch_shape + (size,)
+        and value.device.type == "cpu"
+    ):
         scatter = _ResidualScatter(value, loc)
     scores = gaussian_masked_score(
         covariance.reshape(num_groups, size, size),

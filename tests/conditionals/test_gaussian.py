@@ -1,6 +1,11 @@
+import gc
+
+import numpy as np
 import pytest
 import torch
 from oracles import expected_masked_score, permutation_score, random_spd
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import pyro_masked.conditionals.gaussian as gaussian
 from pyro_masked import masked_log_prob
@@ -268,3 +273,107 @@ def test_relative_error_of_a_sum_falls_like_one_over_root_n_with_per_vector_grou
     assert 2.4 < small / large < 5.6
     small, large = _relative_errors_of_the_sum(d, None, [50, 800])
     assert small / large < 1.6
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest storage any operation returns (views share their base's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest_bytes = max(self.largest_bytes, tensor.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("expanded", [False, True])
+def test_plate_expanded_covariance_allocates_nothing_of_size_n_d_squared(expanded):
+    # A covariance built outside pyro.plate is expanded over the plate: its backward must not
+    # materialise the (N, D, D) gradient of the expanded view.
+    num_points, size = 300, 16
+    factor = torch.randn(size, 3, requires_grad=True)
+    value = torch.randn(num_points, size)
+    with _LargestAllocation() as recorder:
+        d = torch.distributions.MultivariateNormal(
+            torch.zeros(size), factor @ factor.T + torch.eye(size)
+        )
+        if expanded:
+            d = d.expand([num_points])
+        masked_log_prob(d, value, num_masks=2).sum().backward()
+    assert recorder.largest_bytes <= num_points * size * 8  # the data's size, not N D^2
+
+
+@pytest.mark.parametrize("view", ["expand", "transposed base", "batched base"])
+def test_expanded_covariance_gives_the_same_scores_and_gradients(view):
+    size, num_points = 5, 6
+    factor = torch.randn(size, size, requires_grad=True)
+    loc = torch.randn(size, requires_grad=True)
+    value = torch.randn(2, num_points, size)
+
+    def scores_and_gradients(expand):
+        factor.grad = loc.grad = None
+        covariance = factor @ factor.T + torch.eye(size)
+        if view == "transposed base":
+            covariance = covariance.T  # a view of a view: its storage is not a plain broadcast
+        batch_loc = loc
+        if view == "batched base":
+            covariance = torch.stack([covariance, 2 * covariance])[:, None]  # (2, 1, D, D)
+            batch_loc = loc.expand(2, 1, size)
+        d = torch.distributions.MultivariateNormal(batch_loc, covariance)
+        if expand:
+            d = d.expand([2, num_points])
+        score = masked_log_prob(d, value, num_masks=3, generator=torch.Generator().manual_seed(0))
+        (
+            score * torch.rand(score.shape, generator=torch.Generator().manual_seed(1))
+        ).sum().backward()
+        return score.detach(), factor.grad.clone(), loc.grad.clone()
+
+    for got, expected in zip(scores_and_gradients(True), scores_and_gradients(False)):
+        assert torch.allclose(got, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("refill", ["data.copy_", "numpy array rewritten"])
+def test_data_refilled_without_a_version_bump_gives_the_right_gradient(refill):
+    # The backward pass of a plate of vectors reuses the data's scatter while the data is
+    # unchanged; a buffer refilled behind autograd's back must not reuse a stale one.
+    size, num_points = 4, 30
+    factor = torch.randn(size, 2, requires_grad=True)
+    loc = torch.randn(size, requires_grad=True)
+    array = np.random.default_rng(0).normal(size=(num_points, size))
+    observed = torch.from_numpy(array)
+    new_values = torch.randn(num_points, size)
+
+    def gradients(value):
+        factor.grad = loc.grad = None
+        d = torch.distributions.MultivariateNormal(loc, factor @ factor.T + torch.eye(size))
+        generator = torch.Generator().manual_seed(0)
+        masked_log_prob(d, value, num_masks=2, generator=generator).sum().backward()
+        return factor.grad.clone(), loc.grad.clone()
+
+    gradients(observed)  # fills the cache
+    version = observed._version
+    if refill == "data.copy_":
+        observed.data.copy_(new_values)
+    else:
+        array[...] = new_values.numpy()
+    assert observed._version == version and torch.equal(observed, new_values)
+    for got, expected in zip(gradients(observed), gradients(new_values.clone())):
+        assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_cached_data_scatter_is_released_with_the_data():
+    from pyro_masked.scoring import _ResidualScatter
+
+    factor = torch.randn(3, 3, requires_grad=True)
+    d = torch.distributions.MultivariateNormal(torch.zeros(3), factor @ factor.T + torch.eye(3))
+    value = torch.randn(20, 3)
+    masked_log_prob(d, value).sum().backward()
+    key = id(value)
+    assert key in _ResidualScatter._entries
+    del value
+    gc.collect()
+    assert key not in _ResidualScatter._entries

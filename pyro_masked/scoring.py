@@ -16,11 +16,7 @@ import torch.distributions as tdist
 from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import broadcast_shape
 
-from pyro_masked.conditionals.gaussian import (
-    MAX_ENUMERATED_MASKS,
-    count_enumerated_masks,
-    gaussian_masked_score,
-)
+from pyro_masked.conditionals.gaussian import check_enumeration, gaussian_masked_score
 from pyro_masked.masks import MaskLike, as_schedule
 
 __all__ = [
@@ -103,7 +99,8 @@ def masked_log_prob(
     :param num_masks: random permutations averaged (an int >= 1, batched), or ``"all"`` for the
         exact expectation over every mask of the chosen sizes. ``"all"`` is closed form for
         sizes ``1`` (leave-one-out) and ``D``; other sizes enumerate their masks, at most
-        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` in all.
+        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` in all, holding at most
+        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATION_BYTES` of covariances.
     :param mask_groups: ``None`` (default): vectors that share a covariance (the data points of
         a plate) share the permutations of a call. An int ``G``: the vectors of the batch, in
         order, are split into ``G`` groups with independent permutations (``G`` at least the
@@ -332,13 +329,6 @@ def _grouped_gaussian_score(
     """Group vectors that share a covariance, score them, and restore the batch shape."""
     size = value.shape[-1]
     size_weights = schedule.size_weights(size, dtype=value.dtype, device=value.device)
-    if num_masks == "all":
-        enumerated = count_enumerated_masks(size, schedule.sizes(size))
-        if enumerated > MAX_ENUMERATED_MASKS:
-            raise ValueError(
-                f"num_masks='all' would condition on {enumerated} masks for an event of size "
-                f"{size}, more than the limit of {MAX_ENUMERATED_MASKS}; use an int num_masks"
-            )
     residuals = value - loc
     batch_shape = torch.Size(broadcast_shape(residuals.shape[:-1], covariance.shape[:-2]))
     residuals = residuals.expand(batch_shape + (size,))
@@ -350,6 +340,8 @@ def _grouped_gaussian_score(
     grouped = residuals.permute(order + [residuals.dim() - 1])
     num_groups = math.prod(cov_shape)
     grouped = grouped.reshape(num_groups, -1, size)
+    if num_masks == "all":
+        check_enumeration(size, schedule.sizes(size), num_groups, size_weights.dtype)
     scatter = None
     if (
         num_groups == 1

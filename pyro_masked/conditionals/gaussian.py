@@ -57,6 +57,9 @@ from linear_operator.utils.errors import NanError, NotPSDError
 
 __all__ = [
     "MAX_ENUMERATED_MASKS",
+    "MAX_ENUMERATION_BYTES",
+    "check_enumeration",
+    "enumeration_fits",
     "gaussian_masked_score",
     "leave_one_out_log_densities",
     "leave_one_out_score",
@@ -66,13 +69,19 @@ __all__ = [
 #: ``num_masks="all"`` enumerates at most this many masks (summed over the schedule's sizes).
 MAX_ENUMERATED_MASKS = 20_000
 
+#: ``num_masks="all"`` holds one permuted covariance per enumerated mask of a size (and per
+#: covariance of the batch); their bytes may not exceed this (the factorization and its
+#: temporaries take a few times as much again).
+MAX_ENUMERATION_BYTES = 2**28
+
 # Rows of L handled together by the residual form: large enough to amortise Python overhead,
 # small enough that the (rows x D) temporaries stay in cache.
 _ROW_BLOCK = 128
 
-# With at least this many vectors per covariance (relative to D), the quadratic form's extra
-# O(D^3) matrix products cost less than the residual form's O(n D^2) elementwise passes.
-_QUADRATIC_FORM_MIN_VECTORS = 4
+# The quadratic form is used once the vectors per covariance number at least D divided by this
+# ratio: its extra O(D^3) matrix products then cost less than the residual form's O(n D^2)
+# elementwise passes.
+_QUADRATIC_FORM_SIZE_PER_VECTOR = 4
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -155,7 +164,7 @@ class _ResidualFormScore(torch.autograd.Function):
         ctx.save_for_backward(factor, whitened, weights)
         batch, num_vectors, size = whitened.shape
         out = factor.new_zeros(batch, num_vectors)
-        for _, stop, lower, _, _, variance, residual in _row_blocks(factor, whitened):
+        for _, stop, lower, _, _, variance, residual in lower_triangle_row_blocks(factor, whitened):
             block_weights = weights[:stop] * lower
             safe_variance = torch.where(lower, variance, 1.0)
             log_terms = (block_weights * (safe_variance.log() + _LOG_2PI)).sum((-1, -2))
@@ -169,9 +178,15 @@ class _ResidualFormScore(torch.autograd.Function):
         grad_factor = torch.zeros_like(factor)
         grad_whitened = torch.zeros_like(whitened)
         grad_total = grad_out.sum(-1)  # (B,)
-        for start, stop, lower, factor_block, whitened_block, variance, residual in _row_blocks(
-            factor, whitened
-        ):
+        for (
+            start,
+            stop,
+            lower,
+            factor_block,
+            whitened_block,
+            variance,
+            residual,
+        ) in lower_triangle_row_blocks(factor, whitened):
             block_weights = weights[:stop] * lower
             safe_variance = torch.where(lower, variance, 1.0)
             inv_variance = safe_variance.reciprocal()
@@ -193,8 +208,17 @@ class _ResidualFormScore(torch.autograd.Function):
         return grad_factor, grad_whitened, None
 
 
-def _row_blocks(factor: torch.Tensor, whitened: torch.Tensor):
-    """Yield, per block of rows, the row range, its lower-triangle mask, and ``v``, ``r``."""
+def lower_triangle_row_blocks(factor: torch.Tensor, whitened: torch.Tensor):
+    """Blocks of :data:`_ROW_BLOCK` rows of a lower-triangular factor, with their sums.
+
+    For ``factor`` :math:`L` of shape ``(B, D, D)`` and ``whitened`` :math:`z` of shape
+    ``(B, n, D)``, yields for rows ``start:stop`` the tuple ``(start, stop, lower,
+    factor_block, whitened_block, variance, residual)``: the block's columns ``0:stop`` (the
+    rest is zero), ``lower`` the mask :math:`k \\le j`, and the reverse cumulative sums
+    :math:`v_{jk}` ``(B, b, stop)`` and :math:`r_{jk}` ``(B, n, b, stop)``. Memory per block
+    is :math:`O(B n\\, b D)`, so the residual form never holds :math:`D \\times D` temporaries
+    per vector.
+    """
     size = factor.shape[-1]
     columns = torch.arange(size, device=factor.device)
     for start in range(0, size, _ROW_BLOCK):
@@ -315,7 +339,7 @@ def _permuted_scores(
         perms = perms[None]
     num_perms = perms.shape[1]
     factor = _cholesky(_PermuteSymmetric.apply(covariance, perms))  # (B, S, D, D)
-    if num_vectors >= max(2, size // _QUADRATIC_FORM_MIN_VECTORS):
+    if num_vectors >= max(2, size // _QUADRATIC_FORM_SIZE_PER_VECTOR):
         constant, precision_like = _quadratic_form(factor, weights)
         matrix = _UnpermuteSymmetric.apply(precision_like, perms)  # (B, D, D)
         quadratic = _QuadraticForms.apply(matrix, residuals, scatter)
@@ -473,3 +497,43 @@ def gaussian_masked_score(
 def count_enumerated_masks(size: int, sizes: list[int]) -> int:
     """How many masks ``num_masks="all"`` conditions on (sizes ``1`` and ``D`` are closed form)."""
     return sum(math.comb(size, m) for m in sizes if m not in (1, size))
+
+
+def enumeration_bytes(
+    size: int, sizes: list[int], num_covariances: int = 1, dtype: torch.dtype = torch.float64
+) -> int:
+    """Bytes of the permuted covariances ``num_masks="all"`` holds at once: for the mask size
+    with the most masks, one :math:`D \\times D` matrix per mask and covariance."""
+    most = max((math.comb(size, m) for m in sizes if m not in (1, size)), default=0)
+    return most * num_covariances * size * size * torch.finfo(dtype).bits // 8
+
+
+def check_enumeration(
+    size: int, sizes: list[int], num_covariances: int = 1, dtype: torch.dtype = torch.float64
+) -> None:
+    """Raise ``ValueError`` if ``num_masks="all"`` would need more than
+    :data:`MAX_ENUMERATED_MASKS` masks or :data:`MAX_ENUMERATION_BYTES` of permuted covariances.
+    """
+    enumerated = count_enumerated_masks(size, sizes)
+    if enumerated > MAX_ENUMERATED_MASKS:
+        raise ValueError(
+            f"num_masks='all' would condition on {enumerated} masks for an event of size "
+            f"{size}, more than the limit of {MAX_ENUMERATED_MASKS}; use an int num_masks"
+        )
+    needed = enumeration_bytes(size, sizes, num_covariances, dtype)
+    if needed > MAX_ENUMERATION_BYTES:
+        raise ValueError(
+            f"num_masks='all' would hold {needed / 2**30:.2f} GiB of permuted covariances "
+            f"(one {size} x {size} matrix per mask and covariance) for an event of size {size}, "
+            f"more than the limit of {MAX_ENUMERATION_BYTES / 2**30:.2f} GiB; use an int "
+            "num_masks"
+        )
+
+
+def enumeration_fits(
+    size: int, sizes: list[int], num_covariances: int = 1, dtype: torch.dtype = torch.float64
+) -> bool:
+    """Whether :func:`check_enumeration` accepts ``num_masks="all"`` for these sizes."""
+    return count_enumerated_masks(size, sizes) <= MAX_ENUMERATED_MASKS and (
+        enumeration_bytes(size, sizes, num_covariances, dtype) <= MAX_ENUMERATION_BYTES
+    )

@@ -37,9 +37,9 @@ def test_residual_and_quadratic_forms_agree(monkeypatch):
     perms = gaussian.random_permutations(3, size)
     weights = _context_weights(size)
     cov = covariance.expand(4, size, size) * torch.arange(1.0, 5.0)[:, None, None]
-    monkeypatch.setattr(gaussian, "_QUADRATIC_FORM_MIN_VECTORS", 10**9)  # n >= 2: quadratic
+    monkeypatch.setattr(gaussian, "_QUADRATIC_FORM_SIZE_PER_VECTOR", 10**9)  # n >= 2: quadratic
     quadratic = gaussian._permuted_scores(cov, residuals, weights, perms)
-    monkeypatch.setattr(gaussian, "_QUADRATIC_FORM_MIN_VECTORS", 1)  # n < D: residual
+    monkeypatch.setattr(gaussian, "_QUADRATIC_FORM_SIZE_PER_VECTOR", 1)  # n < D: residual
     residual = gaussian._permuted_scores(cov, residuals, weights, perms)
     assert torch.allclose(quadratic, residual, atol=1e-10)
 
@@ -377,3 +377,16 @@ def test_cached_data_scatter_is_released_with_the_data():
     del value
     gc.collect()
     assert key not in _ResidualScatter._entries
+
+
+def test_enumerating_masks_beyond_the_memory_limit_is_a_clear_error():
+    # D = 200 with mask size 2: 19,900 masks (under the mask-count limit) of 200 x 200
+    # covariances would be 6.4 GB; it must fail before allocating anything of that size.
+    size = 200
+    d = torch.distributions.MultivariateNormal(torch.zeros(size), torch.eye(size))
+    with _LargestAllocation() as recorder, pytest.raises(ValueError, match="5.93 GiB"):
+        masked_log_prob(d, torch.randn(size), mask=2, num_masks="all")
+    assert recorder.largest_bytes < 2**20
+    assert gaussian.enumeration_bytes(size, [2]) == 19_900 * size * size * 8
+    assert not gaussian.enumeration_fits(size, [2])
+    assert gaussian.enumeration_fits(30, [2])  # 435 masks of 30 x 30

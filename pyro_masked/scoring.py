@@ -13,11 +13,11 @@ from typing import Optional, Union
 
 import torch
 import torch.distributions as tdist
-from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import broadcast_shape
 
 from pyro_masked.conditionals.gaussian import check_enumeration, gaussian_masked_score
-from pyro_masked.masks import MaskLike, as_schedule
+from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
+from pyro_masked.util import check_generator, check_mask_groups, unwrap
 
 __all__ = [
     "SUPPORTED_DISTRIBUTIONS",
@@ -101,22 +101,23 @@ def masked_log_prob(
         sizes ``1`` (leave-one-out) and ``D``; other sizes enumerate their masks, at most
         :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` in all, holding at most
         :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATION_BYTES` of covariances.
-    :param mask_groups: ``None`` (default): vectors that share a covariance (the data points of
-        a plate) share the permutations of a call. An int ``G``: the vectors of the batch, in
-        order, are split into ``G`` groups with independent permutations (``G`` at least the
-        number of vectors: one group per vector). Gaussian models only.
-    :param generator: a :class:`torch.Generator` the random permutations are drawn from, on the
-        data's device; ``None`` uses torch's global generator.
+    :param mask_groups: (keyword only) ``None``: every vector that shares a covariance shares
+        the permutations of the call (one factorization per permutation; the right choice for
+        training). An int ``G``: the vectors of the batch are split into ``G`` groups of
+        near-equal size, each with its own independent permutations, at :math:`O(G D^3 + N
+        D^2)` for ``N`` vectors; ``G`` at least the number of vectors gives independent masks
+        per vector (the right choice for an evidence estimate whose relative error should
+        shrink like :math:`1/\\sqrt{N}`).
+    :param generator: (keyword only) the :class:`torch.Generator` the permutations are drawn
+        from; ``None`` uses torch's global generator (so ``pyro.set_rng_seed`` applies).
+        See :func:`pyro_masked.util.private_generator`.
     :returns: a tensor of shape ``broadcast(d.batch_shape, value.shape[:-event_dim])``.
 
-    With shared permutations the masking errors of the vectors are correlated: the spread of a
-    sum over ``N`` points grows like ``N``, not ``sqrt(N)``, so the relative error of
-    :math:`\\sum_n \\log p(x_n)` does not shrink with ``N``. That suits training (every step sees
-    the same masks on every point, and raising ``num_masks`` costs one :math:`O(D^3)`
-    factorization per permutation but no extra :math:`O(N D^2)` work, since the permutations
-    are averaged before they meet the data). For evidence estimates and model comparison pass
-    ``mask_groups=N``: independent permutations per vector cost :math:`O(N D^3)` and the
-    relative error falls like :math:`1/\\sqrt{N}`; ``G`` groups cost :math:`O(G D^3 + N D^2)`.
+    Vectors that share a covariance (the data points of a plate) share the permutations of a
+    call, so their masking errors are correlated: the spread of a sum over ``N`` points grows
+    like ``N``, not ``sqrt(N)``. Raising ``num_masks`` costs one :math:`O(D^3)` factorization
+    per permutation, but no extra :math:`O(N D^2)` work, since the permutations are averaged
+    before they meet the data.
 
     Example::
 
@@ -126,6 +127,8 @@ def masked_log_prob(
     """
     schedule = as_schedule(mask)
     num_masks = check_num_masks(num_masks)
+    mask_groups = check_mask_groups(mask_groups)
+    generator = check_generator(generator)
     if not isinstance(d, tdist.Distribution):
         raise TypeError(f"d must be a torch or Pyro distribution, got {type(d).__name__}")
     if not isinstance(value, torch.Tensor):
@@ -140,68 +143,46 @@ def masked_log_prob(
         )
     if not all_finite(value):
         raise ValueError("value contains NaN or infinite entries")
-    check_mask_groups(mask_groups)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return _masked_log_prob(d, value, schedule, num_masks, mask_groups, generator)
 
 
-def check_mask_groups(mask_groups: Optional[int]) -> Optional[int]:
-    """Validate the ``mask_groups`` argument: ``None`` or an int >= 1."""
-    if mask_groups is None:
-        return None
-    if isinstance(mask_groups, bool) or not isinstance(mask_groups, numbers.Integral):
-        raise TypeError(f"mask_groups must be None or an int >= 1, got {mask_groups!r}")
-    if mask_groups < 1:
-        raise ValueError(f"mask_groups must be >= 1, got {mask_groups}")
-    return int(mask_groups)
-
-
 def _masked_log_prob(
-    d, value, schedule, num_masks, mask_groups=None, generator=None
+    d: tdist.Distribution,
+    value: torch.Tensor,
+    schedule: MaskSchedule,
+    num_masks: NumMasks,
+    mask_groups: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Dispatch on the distribution's type; arguments are already validated."""
-    extra = (mask_groups, generator)
-    if isinstance(d, MaskedDistribution):
-        score = _masked_log_prob(d.base_dist, value, schedule, num_masks, *extra)
-        return torch.where(d._mask, score, score.new_zeros(()))
-    if isinstance(d, ExpandedDistribution):
-        score = _masked_log_prob(d.base_dist, value, schedule, num_masks, *extra)
-        return score.expand(broadcast_shape(score.shape, d.batch_shape))
-    if len(d.event_shape) == 0:
+    unwrapped = unwrap(d)
+    if unwrapped.factorizes:
+        # Each coordinate's conditional is its marginal: the masked score is the log density.
         return d.log_prob(value)
-    if isinstance(d, tdist.Independent):
-        if _factorizes(d):
-            return d.log_prob(value)
-        # Independent copies of a multivariate base: each base event is masked on its own.
-        score = _masked_log_prob(d.base_dist, value, schedule, num_masks, *extra)
-        return score.sum(tuple(range(-d.reinterpreted_batch_ndims, 0)))
-    gaussian = gaussian_parts(d)
+    gaussian = gaussian_parts(unwrapped.base)
     if gaussian is None:
         raise UnsupportedDistributionError(
             f"{type(d).__name__} has no masked conditionals; "
             f"supported are {SUPPORTED_DISTRIBUTIONS}"
         )
     loc, covariance = gaussian
-    return _grouped_gaussian_score(loc, covariance, value, schedule, num_masks, *extra)
-
-
-def _factorizes(d: tdist.Independent) -> bool:
-    base = d.base_dist
-    while isinstance(base, (tdist.Independent, ExpandedDistribution, MaskedDistribution)):
-        base = base.base_dist
-    return len(base.event_shape) == 0
+    score = _grouped_gaussian_score(
+        loc,
+        covariance,
+        value,
+        schedule,
+        num_masks,
+        mask_groups=mask_groups,
+        generator=generator,
+    )
+    # Masks, expansions and independent copies of the base event, innermost first.
+    return unwrapped.rewrap(score)
 
 
 def is_supported(d: tdist.Distribution) -> bool:
     """Whether :func:`masked_log_prob` can score ``d``."""
-    while isinstance(d, (ExpandedDistribution, MaskedDistribution)):
-        d = d.base_dist
-    if len(d.event_shape) == 0:
-        return True
-    if isinstance(d, tdist.Independent):
-        return _factorizes(d) or is_supported(d.base_dist)
-    return _is_gaussian(d)
+    unwrapped = unwrap(d)
+    return unwrapped.factorizes or _is_gaussian(unwrapped.base)
 
 
 def masked_event_size(d: tdist.Distribution) -> int:
@@ -210,11 +191,7 @@ def masked_event_size(d: tdist.Distribution) -> int:
     The event size, except for independent copies of a multivariate base, whose base events
     are masked one by one.
     """
-    while isinstance(d, (ExpandedDistribution, MaskedDistribution)):
-        d = d.base_dist
-    if isinstance(d, tdist.Independent) and not _factorizes(d):
-        return masked_event_size(d.base_dist)
-    return d.event_shape.numel() if len(d.event_shape) else 0
+    return unwrap(d).masked_event_size
 
 
 def _is_gaussian(d) -> bool:

@@ -28,7 +28,7 @@ def dense_evidence(gp):
     """The oracle: the Gaussian log density of y, from the dense covariance matrix."""
     with torch.no_grad():
         K = gp.kernel(gp.X).to_dense()
-        mean = gp.mean(gp.X)
+        mean = gp.mean_function(gp.X)
         covariance = K + (gp.noise + gp.jitter) * torch.eye(len(gp.y))
         return dist.MultivariateNormal(mean, covariance).log_prob(gp.y)
 
@@ -54,7 +54,7 @@ def test_masked_elbo_over_every_mask_equals_the_exact_evidence():
     mean = gpytorch.means.ConstantMean()
     with torch.no_grad():
         mean.constant.fill_(0.4)
-    gp = GPRegression(X, y, kernel, mean=mean, noise=0.2)
+    gp = GPRegression(X, y, kernel, mean_function=mean, noise=0.2)
     masked = MaskedELBO(num_masks="all").differentiable_loss(gp.model, gp.guide)
     assert torch.allclose(-masked, dense_evidence(gp), rtol=1e-9)
 

@@ -52,8 +52,9 @@ import math
 from typing import Optional
 
 import torch
-from linear_operator.utils.cholesky import psd_safe_cholesky
-from linear_operator.utils.errors import NanError, NotPSDError
+
+from pyro_masked.linalg import cholesky
+from pyro_masked.util import LOG_2PI
 
 __all__ = [
     "MAX_ENUMERATED_MASKS",
@@ -74,6 +75,8 @@ MAX_ENUMERATED_MASKS = 20_000
 #: temporaries take a few times as much again).
 MAX_ENUMERATION_BYTES = 2**28
 
+_COVARIANCE = "the covariance matrix"
+
 # Rows of L handled together by the residual form: large enough to amortise Python overhead,
 # small enough that the (rows x D) temporaries stay in cache.
 _ROW_BLOCK = 128
@@ -82,8 +85,6 @@ _ROW_BLOCK = 128
 # ratio: its extra O(D^3) matrix products then cost less than the residual form's O(n D^2)
 # elementwise passes.
 _QUADRATIC_FORM_SIZE_PER_VECTOR = 4
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class _PermuteSymmetric(torch.autograd.Function):
@@ -167,7 +168,7 @@ class _ResidualFormScore(torch.autograd.Function):
         for _, stop, lower, _, _, variance, residual in lower_triangle_row_blocks(factor, whitened):
             block_weights = weights[:stop] * lower
             safe_variance = torch.where(lower, variance, 1.0)
-            log_terms = (block_weights * (safe_variance.log() + _LOG_2PI)).sum((-1, -2))
+            log_terms = (block_weights * (safe_variance.log() + LOG_2PI)).sum((-1, -2))
             quad_terms = (block_weights * residual.square() / safe_variance[:, None]).sum((-1, -2))
             out += -0.5 * (log_terms[:, None] + quad_terms)
         return out
@@ -273,7 +274,7 @@ def _quadratic_form(factor: torch.Tensor, weights: torch.Tensor):
     variance = _reverse_cumsum(factor.square())
     safe_variance = torch.where(lower, variance, 1.0)
     block_weights = weights * lower
-    constant = -0.5 * (block_weights * (safe_variance.log() + _LOG_2PI)).sum((-1, -2))
+    constant = -0.5 * (block_weights * (safe_variance.log() + LOG_2PI)).sum((-1, -2))
     omega = (block_weights / safe_variance).cumsum(-1)
     products = (omega * factor).mT @ factor  # entry (i, i') = M_{ii'} for i <= i'
     upper = products.triu()
@@ -287,9 +288,9 @@ def random_permutations(
     num_perms: int,
     size: int,
     device: Optional[torch.device] = None,
+    generator: Optional[torch.Generator] = None,
     *,
     num_groups: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Uniformly random permutations of ``range(size)``.
 
@@ -297,28 +298,16 @@ def random_permutations(
     :param size: the number of coordinates permuted.
     :param num_groups: ``None`` for shape ``(num_perms, size)``, else shape
         ``(num_groups, num_perms, size)``, every group drawn independently.
-    :param generator: a :class:`torch.Generator` to draw from (on ``device``); ``None`` draws
-        from torch's global generator, so ``pyro.set_rng_seed`` makes them reproducible.
+    :param generator: a :class:`torch.Generator` to draw from (on any device; the result is
+        moved to ``device``); ``None`` draws from torch's global generator, so
+        ``pyro.set_rng_seed`` makes them reproducible.
     """
     shape = (num_perms, size) if num_groups is None else (num_groups, num_perms, size)
-    if generator is not None and generator.device.type != torch.device(device or "cpu").type:
-        raise ValueError(
-            f"generator is on {generator.device}, but the permutations are drawn on "
-            f"{torch.device(device or 'cpu')}: pass a generator on the data's device"
-        )
-    return torch.argsort(torch.rand(shape, device=device, generator=generator), dim=-1)
-
-
-def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
-    try:
-        return psd_safe_cholesky(matrix)
-    except NanError as error:
-        raise ValueError("the covariance matrix contains NaN entries") from error
-    except NotPSDError as error:
-        raise ValueError(
-            "the covariance matrix is not positive definite, even after adding jitter "
-            f"to its diagonal ({error})"
-        ) from error
+    if generator is None:
+        return torch.argsort(torch.rand(shape, device=device), dim=-1)
+    # Drawn where the generator lives (a CPU generator serves data on any device), then moved.
+    uniform = torch.rand(shape, device=generator.device, generator=generator)
+    return torch.argsort(uniform, dim=-1).to(device)
 
 
 def _permuted_scores(
@@ -338,7 +327,7 @@ def _permuted_scores(
     if perms.dim() == 2:
         perms = perms[None]
     num_perms = perms.shape[1]
-    factor = _cholesky(_PermuteSymmetric.apply(covariance, perms))  # (B, S, D, D)
+    factor = cholesky(_PermuteSymmetric.apply(covariance, perms), what=_COVARIANCE)  # (B, S, D, D)
     if num_vectors >= max(2, size // _QUADRATIC_FORM_SIZE_PER_VECTOR):
         constant, precision_like = _quadratic_form(factor, weights)
         matrix = _UnpermuteSymmetric.apply(precision_like, perms)  # (B, D, D)
@@ -417,11 +406,11 @@ def leave_one_out_log_densities(covariance: torch.Tensor, residuals: torch.Tenso
     ``(..., D, D)`` and ``residuals`` :math:`e = x - \\mu` shape ``(..., n, D)``; returns the
     shape of ``residuals``.
     """
-    factor = _cholesky(covariance)
+    factor = cholesky(covariance, what=_COVARIANCE)
     precision = torch.cholesky_inverse(factor)
     diagonal = torch.diagonal(precision, dim1=-2, dim2=-1)[..., None, :]
     projected = residuals @ precision  # precision is symmetric
-    return 0.5 * (diagonal.log() - _LOG_2PI - projected.square() / diagonal)
+    return 0.5 * (diagonal.log() - LOG_2PI - projected.square() / diagonal)
 
 
 def leave_one_out_score(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
@@ -432,7 +421,7 @@ def leave_one_out_score(covariance: torch.Tensor, residuals: torch.Tensor) -> to
 def _marginal_score(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
     """:math:`\\sum_j \\log p(x_j)`, i.e. :math:`D\\,S(x; D)` (the mask hides everything)."""
     variance = torch.diagonal(covariance, dim1=-2, dim2=-1)[:, None]
-    return (-0.5 * (_LOG_2PI + variance.log() + residuals.square() / variance)).sum(-1)
+    return (-0.5 * (LOG_2PI + variance.log() + residuals.square() / variance)).sum(-1)
 
 
 def gaussian_masked_score(

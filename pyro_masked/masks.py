@@ -172,10 +172,18 @@ class SizeWeights(MaskSchedule):
             )
         if not torch.isfinite(probs).all() or (probs < 0).any():
             raise ValueError("SizeWeights: weights must be finite and non-negative")
-        total = probs.sum()
-        if total <= 0:
+        largest = probs.max()
+        if largest <= 0:
             raise ValueError("SizeWeights: weights must not all be zero")
-        return probs / total
+        # Scaled by the largest weight first, so that a sum of huge weights cannot overflow and
+        # tiny ones cannot underflow to an all-zero schedule.
+        scaled = probs / largest
+        normalised = scaled / scaled.sum()
+        if not torch.isfinite(normalised).all() or not normalised.sum() > 0:
+            raise ValueError(
+                f"SizeWeights: the weights {probs.tolist()} do not normalise to probabilities"
+            )
+        return normalised
 
     def size_probs(self, event_size: int) -> torch.Tensor:
         probs = self._probs(event_size) if callable(self._probs) else self._probs

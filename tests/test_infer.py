@@ -269,3 +269,26 @@ def test_covariance_not_positive_definite_names_the_site():
         pytest.raises(ValueError, match="site 'x'.*positive"),
     ):
         MaskedELBO().loss(broken, lambda: None)
+
+
+def _float32_model(data):
+    loc = pyro.param("loc", torch.zeros(4, dtype=torch.float32))
+    covariance = random_spd(4, generator=torch.Generator().manual_seed(2)).float()
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.MultivariateNormal(loc, covariance), obs=data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [torch.randn(5, 4, dtype=torch.float64), torch.randint(-3, 3, (5, 4))],
+    ids=["float64", "int64"],
+)
+def test_data_of_another_dtype_is_accepted_as_in_trace_elbo(data):
+    expected = Trace_ELBO().loss(_float32_model, empty_guide, data)
+    loss = MaskedELBO(num_masks="all").loss(_float32_model, empty_guide, data)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_shape_error_names_the_site():
+    with pytest.raises(ValueError, match=r"site 'x'[\s\S]*event shape"):
+        MaskedELBO().loss(_float32_model, empty_guide, torch.randn(5, 3))

@@ -66,3 +66,10 @@ def test_size_weights_validation():
         SizeWeights(torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="not all be zero"):
         SizeWeights(torch.zeros(3))
+
+
+@pytest.mark.parametrize("scale", [1e308, 1e-320])
+def test_size_weights_of_extreme_magnitude_normalise(scale):
+    # Their sum overflows (or each underflows on its own), which made every weight zero.
+    weights = SizeWeights([scale, scale, 0.0]).size_weights(3)
+    assert torch.allclose(weights, torch.tensor([1.5, 1.5, 0.0], dtype=weights.dtype))

@@ -138,8 +138,17 @@ def importance_context_score(
 
     Cost :math:`O(K B P D)` in two matrix products and :math:`O(B P D)` logarithms.
     """
-    # log omega_{kbp}: the prior weights times the likelihood of each context (a matrix product).
-    log_context_weights = log_weights[..., None] + loglik @ visible.to(loglik.dtype).T
+    # log omega_{kbp}: the prior weights times the likelihood of each context (a matrix
+    # product). A -inf log-likelihood (a sample that cannot explain a coordinate) would give
+    # -inf * 0 = NaN for the contexts that do not see that coordinate, so the -inf entries are
+    # counted apart: a context that sees one has weight zero.
+    impossible = torch.isneginf(loglik)
+    finite_loglik = torch.where(impossible, loglik.new_zeros(()), loglik)
+    visible_matrix = visible.to(loglik.dtype).T
+    log_context_weights = log_weights[..., None] + finite_loglik @ visible_matrix
+    if impossible.any():
+        sees_impossible = impossible.to(loglik.dtype) @ visible_matrix > 0
+        log_context_weights = log_context_weights.masked_fill(sees_impossible, -math.inf)
     return _context_score(loglik, log_context_weights, ~visible, context_weights)
 
 

@@ -348,3 +348,22 @@ def test_random_masks_under_botorch_warn_once():
         fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 3}})
     ours = [w for w in record if w.category is RandomMasksUnderDeterministicOptimizerWarning]
     assert len(ours) == 1
+
+
+def test_deterministic_mode_averages_the_documented_number_of_permutations():
+    from pyro_masked.gpytorch import deterministic_num_masks
+
+    rule = {1: 32, 20: 29, 60: 17, 120: 12, 240: 9, 1000: 5, 1024: 4, 10**6: 4}
+    assert {n: deterministic_num_masks(n) for n in rule} == rule
+    with pytest.raises(ValueError, match="num_points"):
+        deterministic_num_masks(0)
+    x, y, likelihood, model = gaussian_setup(20)
+    assert MaskedMarginalLogLikelihood(likelihood, model, seed=0).resolved_num_masks(20) == 29
+    assert MaskedMarginalLogLikelihood(likelihood, model).resolved_num_masks(20) == 1
+    explicit = MaskedMarginalLogLikelihood(likelihood, model, num_masks=3, seed=0)
+    assert explicit.resolved_num_masks(20) == 3
+    # The default really averages 29 permutations: it equals the explicit call.
+    default = MaskedMarginalLogLikelihood(likelihood, model, seed=0)(model(x), y)
+    same = MaskedMarginalLogLikelihood(likelihood, model, num_masks=29, seed=0)(model(x), y)
+    fewer = MaskedMarginalLogLikelihood(likelihood, model, num_masks=28, seed=0)(model(x), y)
+    assert torch.equal(default, same) and not torch.equal(default, fewer)

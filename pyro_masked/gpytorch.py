@@ -12,7 +12,9 @@ GPyTorch package (absolute imports).
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -67,6 +69,24 @@ def deterministic_num_masks(num_points: int) -> int:
     return min(_MAX_DETERMINISTIC_PERMUTATIONS, max(_MIN_DETERMINISTIC_PERMUTATIONS, by_size))
 
 
+# The code of torch.optim.LBFGS.step (under its decorators): a closure it calls runs below a
+# frame of this code.
+_TORCH_LBFGS_STEP = inspect.unwrap(torch.optim.LBFGS.step).__code__
+_CALLER_FRAMES_SEARCHED = 64
+
+
+def _inside_torch_lbfgs() -> bool:
+    """Whether this call runs inside :meth:`torch.optim.LBFGS.step` (a closure it evaluates)."""
+    frame = sys._getframe(1)
+    for _ in range(_CALLER_FRAMES_SEARCHED):
+        if frame is None:
+            return False
+        if frame.f_code is _TORCH_LBFGS_STEP:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class RandomMasksUnderDeterministicOptimizerWarning(UserWarning):
     """A deterministic optimiser (L-BFGS, BoTorch's ``fit_gpytorch_mll``) is given the
     random-mask objective (``seed=None``), which changes at every call: its line searches and
@@ -105,8 +125,10 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
     - ``seed=None`` (random masks): every call draws new permutations from torch's global
       generator (``pyro.set_rng_seed`` makes them reproducible), by default one
       (``num_masks=None`` means 1): an unbiased, noisy objective for a stochastic optimiser
-      such as Adam. A deterministic optimiser must not be given it: under BoTorch's
-      ``fit_gpytorch_mll`` it warns with :class:`RandomMasksUnderDeterministicOptimizerWarning`.
+      such as Adam. A deterministic optimiser must not be given it: called from
+      :class:`torch.optim.LBFGS` or BoTorch's ``fit_gpytorch_mll``, it warns (once) with
+      :class:`RandomMasksUnderDeterministicOptimizerWarning`; other deterministic optimisers
+      (e.g. SciPy's, called directly) are not detected.
     - ``seed`` an int (deterministic mode): every call scores the same permutations, drawn from
       a private :class:`torch.Generator` seeded by ``seed`` (the global generators are neither
       read nor reseeded), so the objective is a fixed, smooth function of the hyperparameters
@@ -213,6 +235,8 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
             )
         if not all_finite(target):
             raise ValueError("target contains NaN or infinite entries")
+        if self.seed is None and _inside_torch_lbfgs():
+            self._warn_random_masks("torch.optim.LBFGS")
         marginal = self.likelihood(function_dist, *params, **kwargs)
         score = self._masked_score(marginal, target, num_data)
         score = self._add_other_terms(score, params)
@@ -232,6 +256,19 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
         generator = None if self.seed is None else private_generator(self.seed, target.device)
         return masked_log_prob(marginal, target, self.schedule, num_masks, generator=generator)
 
+    def _warn_random_masks(self, optimizer: str) -> None:
+        """Warn once per instance that a deterministic optimizer gets random masks."""
+        if self.seed is not None or getattr(self, "_warned_random_masks", False):
+            return
+        self._warned_random_masks = True
+        warnings.warn(
+            f"MaskedMarginalLogLikelihood(seed=None) draws new masks at every call, but it is "
+            f"optimised by {optimizer}, which assumes a fixed objective: pass seed=0 (or any "
+            "int) for the deterministic mode",
+            RandomMasksUnderDeterministicOptimizerWarning,
+            stacklevel=3,
+        )
+
     def compute_custom_loss(self, **kwargs: Any) -> torch.Tensor:
         """The negative objective on the model's own training data, as BoTorch evaluates it.
 
@@ -241,15 +278,7 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
         the transformed inputs) and warns once with
         :class:`RandomMasksUnderDeterministicOptimizerWarning` if ``seed`` is ``None``.
         """
-        if self.seed is None and not getattr(self, "_warned_random_masks", False):
-            self._warned_random_masks = True
-            warnings.warn(
-                "MaskedMarginalLogLikelihood(seed=None) draws new masks at every call, but "
-                "fit_gpytorch_mll optimises with L-BFGS, which assumes a fixed objective: pass "
-                "seed=0 (or any int) for the deterministic mode",
-                RandomMasksUnderDeterministicOptimizerWarning,
-                stacklevel=2,
-            )
+        self._warn_random_masks("BoTorch's fit_gpytorch_mll (L-BFGS)")
         model = self.model
         transform = getattr(model, "transform_inputs", None)
         inputs = model.train_inputs

@@ -367,3 +367,28 @@ def test_deterministic_mode_averages_the_documented_number_of_permutations():
     same = MaskedMarginalLogLikelihood(likelihood, model, num_masks=29, seed=0)(model(x), y)
     fewer = MaskedMarginalLogLikelihood(likelihood, model, num_masks=28, seed=0)(model(x), y)
     assert torch.equal(default, same) and not torch.equal(default, fewer)
+
+
+def test_random_masks_under_torch_lbfgs_warn_once_and_seeded_ones_do_not():
+    from pyro_masked.gpytorch import RandomMasksUnderDeterministicOptimizerWarning
+
+    def run_lbfgs(**mll_kwargs):
+        x, y, likelihood, model = gaussian_setup(8)
+        mll = MaskedMarginalLogLikelihood(likelihood, model, **mll_kwargs)
+        lbfgs = torch.optim.LBFGS(model.parameters(), max_iter=3)
+
+        def closure():
+            lbfgs.zero_grad()
+            loss = -mll(model(x), y)
+            loss.backward()
+            return loss.detach()
+
+        for _ in range(2):
+            lbfgs.step(closure)
+        with torch.no_grad():
+            mll(model(x), y)  # outside L-BFGS: no warning
+
+    with pytest.warns(RandomMasksUnderDeterministicOptimizerWarning, match="LBFGS") as record:
+        run_lbfgs()
+    assert sum(w.category is RandomMasksUnderDeterministicOptimizerWarning for w in record) == 1
+    run_lbfgs(seed=0)  # warnings are errors in the tests

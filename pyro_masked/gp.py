@@ -47,7 +47,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import Callable, Mapping, Optional, Union
 
@@ -70,11 +69,9 @@ from pyro_masked.infer import MaskedELBO
 from pyro_masked.linalg import cholesky
 from pyro_masked.masks import MaskLike
 from pyro_masked.scoring import NumMasks
-from pyro_masked.util import private_generator
+from pyro_masked.util import LOG_2PI, private_generator
 
 __all__ = ["GPRegression", "fit"]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class _GPTargetDistribution(gpytorch.distributions.MultivariateNormal):
@@ -92,7 +89,7 @@ class _GPTargetDistribution(gpytorch.distributions.MultivariateNormal):
         residual = (value - self.loc).unsqueeze(-1)
         whitened = torch.linalg.solve_triangular(factor, residual, upper=False).squeeze(-1)
         half_log_det = torch.diagonal(factor, dim1=-2, dim2=-1).log().sum(-1)
-        return -0.5 * whitened.square().sum(-1) - half_log_det - 0.5 * value.shape[-1] * _LOG_2PI
+        return -0.5 * whitened.square().sum(-1) - half_log_det - 0.5 * value.shape[-1] * LOG_2PI
 
 
 _TARGET_COVARIANCE = "the GP's covariance of the targets y"

@@ -429,3 +429,10 @@ def test_the_guide_starts_at_the_hyperparameters_the_model_was_built_with():
     median = gp.autoguide.median()
     assert median["noise"].item() == pytest.approx(0.3)
     assert median["kernel.base_kernel.lengthscale"].item() == pytest.approx(0.7)
+
+
+def test_a_starting_value_outside_the_prior_starts_the_guide_at_the_prior_median():
+    X, y = rbf_data(num_points=10)
+    gp = rbf_gp(X, y, noise=1.0, priors={"noise": dist.Uniform(0.01, 0.5)})
+    noise = gp.autoguide.median()["noise"]
+    assert 0.01 < noise.item() < 0.5 and torch.isfinite(gp.log_marginal_likelihood())

@@ -392,3 +392,18 @@ def test_random_masks_under_torch_lbfgs_warn_once_and_seeded_ones_do_not():
         run_lbfgs()
     assert sum(w.category is RandomMasksUnderDeterministicOptimizerWarning for w in record) == 1
     run_lbfgs(seed=0)  # warnings are errors in the tests
+
+
+def test_gradients_over_every_mask_are_the_exact_marginal_log_likelihoods():
+    x, y, likelihood, model = gaussian_setup(6, torch.Size([2]), priors=True)
+
+    def gradients(mll):
+        model.zero_grad()
+        (-mll(model(x), y).sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    exact = gradients(gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model))
+    masked = gradients(MaskedMarginalLogLikelihood(likelihood, model, num_masks="all"))
+    assert exact.keys() == masked.keys()
+    for name in exact:
+        assert torch.allclose(masked[name], exact[name], rtol=1e-8, atol=1e-12), name

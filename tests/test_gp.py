@@ -128,7 +128,7 @@ def test_masked_fit_reaches_the_exact_maximum_of_the_evidence():
     assert maximum - FIT_TOLERANCE < adam_fit_evidence(X, y, "cumulative") <= maximum + 1e-6
 
 
-@pytest.mark.parametrize("mask", [1, 0.15, 0.5, 0.8])
+@pytest.mark.parametrize("mask", [1, 0.15, 0.8])
 def test_fixed_rate_fits_fail_the_cumulative_tolerance(mask):
     # Negative control: the tolerance above separates the evidence from other objectives.
     X, y = rbf_data(num_points=40)

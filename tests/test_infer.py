@@ -456,3 +456,25 @@ def test_nothing_to_mask_warns_once_and_only_then():
         warnings.simplefilter("error")
         elbo.loss(factorized, empty_guide, data)  # once per loss object
         MaskedELBO().loss(ppca_model, empty_guide, torch.randn(10, 8))  # something masked
+
+
+@pytest.mark.parametrize("mask_size", [1, 2, 3, 4])
+def test_fixed_size_masked_elbo_equals_the_brute_force_oracle(mask_size):
+    from oracles import expected_masked_score
+
+    data = torch.randn(3, 4) + 1.0
+    guide = AutoNormal(global_latent_model)
+    guide_trace = poutine.trace(guide).get_trace(data)
+    fixed_guide = poutine.replay(guide, guide_trace)
+    exact = Trace_ELBO().loss(global_latent_model, fixed_guide, data)
+    masked = MaskedELBO(mask=mask_size, num_masks="all").loss(
+        global_latent_model, fixed_guide, data
+    )
+    loc = guide_trace.nodes["loc"]["value"].detach()
+    marginal = dist.MultivariateNormal(loc, COVARIANCE)
+    # -ELBO changes by the exact log density minus the oracle's D * S(x; m), point by point:
+    # one conditioning per hidden coordinate and mask, every mask of the size enumerated.
+    oracle = sum(expected_masked_score(COVARIANCE, x - loc, mask_size) for x in data)
+    assert masked == pytest.approx(exact + float(marginal.log_prob(data).sum() - oracle), abs=1e-9)
+    if mask_size < 4:
+        assert masked != pytest.approx(exact, abs=1e-3)

@@ -18,7 +18,7 @@ from pyro_masked import masked_log_prob
 from pyro_masked.conditionals.latent import latent_masked_score
 from pyro_masked.util import private_generator
 
-PROPERTY_SETTINGS = settings(max_examples=15, derandomize=True, deadline=None)
+PROPERTY_SETTINGS = settings(max_examples=15, derandomize=True, deadline=None, database=None)
 
 BATCH_SHAPES = st.sampled_from([(), (1,), (3,), (2, 2)])
 DTYPES = st.sampled_from([torch.float32, torch.float64])

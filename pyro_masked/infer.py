@@ -97,7 +97,11 @@ class MaskedELBO(Trace_ELBO):
         :math:`K \\to \\infty` and biased for finite :math:`K`: with ``mask="cumulative"`` the
         expectation over masks is the importance-weighted bound
         :math:`\\log \\frac{1}{K}\\sum_k p(x, z_k)/q(z_k)` (Burda et al., 2016), below
-        :math:`\\log p(x)` in expectation by :math:`O(1/K)`. Samples from a reparameterised
+        :math:`\\log p(x)` in expectation by :math:`O(1/K)`, with a large constant when the
+        prior is the proposal: about 1.6 nats per data point at :math:`D = 12`, :math:`K = 256`
+        on a linear-Gaussian factor model, against 0.03 with a guide near the posterior
+        (``benchmarks/latent_bias.py``). A guide that samples the integrated site is the
+        recommended proposal. Samples from a reparameterised
         proposal carry gradients to the guide and the model; a non-reparameterised proposal is
         held fixed (its samples and :math:`\\log q` are detached, while the prior's
         :math:`\\log p` keeps its gradient). An observed site that depends on the integrated

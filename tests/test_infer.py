@@ -478,3 +478,25 @@ def test_fixed_size_masked_elbo_equals_the_brute_force_oracle(mask_size):
     assert masked == pytest.approx(exact + float(marginal.log_prob(data).sum() - oracle), abs=1e-9)
     if mask_size < 4:
         assert masked != pytest.approx(exact, abs=1e-3)
+
+
+def test_generator_and_mask_groups_reach_the_masked_sites():
+    from pyro_masked.util import private_generator
+
+    def model(data):
+        loc = pyro.param("loc", torch.zeros(4))  # no random initialisation
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.MultivariateNormal(loc, COVARIANCE), obs=data)
+
+    data = torch.randn(20, 4)
+    state = torch.get_rng_state()
+    losses = [
+        MaskedELBO(generator=private_generator(3)).loss(model, empty_guide, data) for _ in range(2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
+    assert losses[0] == losses[1]
+    per_vector = MaskedELBO(mask_groups=20, generator=private_generator(3))
+    d = dist.MultivariateNormal(torch.zeros(4), COVARIANCE)
+    expected = masked_log_prob(d, data, mask_groups=20, generator=private_generator(3)).sum()
+    assert per_vector.loss(model, empty_guide, data) == pytest.approx(-float(expected))
+    assert per_vector.loss(model, empty_guide, data) != pytest.approx(losses[0])

@@ -14,7 +14,7 @@ PCA model (rank 2, ``D`` coordinates, the data drawn from the model):
 
 Run::
 
-    python benchmarks/mask_sharing.py --size 20 --points 100 1000
+    python benchmarks/mask_sharing.py
 """
 
 from __future__ import annotations
@@ -92,11 +92,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=20, help="D for the evidence part")
     parser.add_argument("--points", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--train-size", type=int, default=10, help="D for the training part")
-    parser.add_argument("--train-points", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--train-size", type=int, default=8, help="D for the training part")
+    parser.add_argument("--train-points", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(0)

@@ -62,6 +62,20 @@ class MaskedELBO(Trace_ELBO):
     ``pyro.factor`` and ``pyro.deterministic`` sites observe no data and keep their
     ``log_prob``.
 
+    **Shared permutations: training against evidence.** In one step, the vectors of a site that
+    share a covariance (the data points of a plate) share the random permutations
+    (``mask_groups=None``): one Cholesky factor per permutation serves all of them, and a step
+    costs :math:`O(D^3 + N D^2)` like the exact log density. Their masking errors are then
+    correlated, so the relative error of the summed objective does not shrink with ``N``. That
+    is the right trade for training: on a PPCA model (:math:`D = 8`, ``N = 50``, 200 Adam
+    steps) the fit ends 0.45 nats below the maximum likelihood with shared permutations and
+    1.5 nats below it with independent ones per vector (mean of two seeds). It is the wrong
+    one for reading the loss as an evidence estimate (model comparison): at :math:`D = 20`,
+    the relative error of :math:`\\sum_n \\log p(x_n)` is 8.0% for ``N = 100`` and 5.1% for
+    ``N = 1000`` with shared permutations, against 1.3% and 0.37% with ``mask_groups=N``
+    (independent permutations per vector, :math:`O(N D^3)`; ``G`` groups cost
+    :math:`O(G D^3 + N D^2)`). Both from ``benchmarks/mask_sharing.py``.
+
     Example::
 
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=MaskedELBO(mask="cumulative"))

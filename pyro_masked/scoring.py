@@ -114,10 +114,15 @@ def masked_log_prob(
     :returns: a tensor of shape ``broadcast(d.batch_shape, value.shape[:-event_dim])``.
 
     Vectors that share a covariance (the data points of a plate) share the permutations of a
-    call, so their masking errors are correlated: the spread of a sum over ``N`` points grows
-    like ``N``, not ``sqrt(N)``. Raising ``num_masks`` costs one :math:`O(D^3)` factorization
-    per permutation, but no extra :math:`O(N D^2)` work, since the permutations are averaged
-    before they meet the data.
+    call by default, so their masking errors are correlated: the spread of a sum over ``N``
+    points grows like ``N``, not :math:`\\sqrt{N}`, and its relative error does not shrink as
+    data are added. Raising ``num_masks`` costs one :math:`O(D^3)` factorization per
+    permutation, but no extra :math:`O(N D^2)` work, since the permutations are averaged before
+    they meet the data. For an estimate of :math:`\\sum_n \\log p(x_n)` (model comparison),
+    pass ``mask_groups=N``: independent permutations per vector, at :math:`O(N D^3)`, or ``G``
+    groups at :math:`O(G D^3 + N D^2)`. Measured on a PPCA model with :math:`D = 20`
+    (``benchmarks/mask_sharing.py``), the relative error of the sum is 8.0% (``N = 100``) and
+    5.1% (``N = 1000``) with shared permutations, 1.3% and 0.37% per vector.
 
     Example::
 

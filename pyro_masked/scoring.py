@@ -16,6 +16,7 @@ import torch.distributions as tdist
 from pyro.distributions.util import broadcast_shape
 
 from pyro_masked.conditionals.gaussian import check_enumeration, gaussian_masked_score
+from pyro_masked.conditionals.lowrank import low_rank_cost_is_lower, low_rank_masked_score
 from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
 from pyro_masked.util import check_generator, check_mask_groups, unwrap
 
@@ -159,6 +160,10 @@ def _masked_log_prob(
     if unwrapped.factorizes:
         # Each coordinate's conditional is its marginal: the masked score is the log density.
         return d.log_prob(value)
+    low_rank = _low_rank_parts(unwrapped.base, value, num_masks, mask_groups)
+    if low_rank is not None:
+        score = _low_rank_score(*low_rank, value, schedule, num_masks, generator)
+        return unwrapped.rewrap(score)
     gaussian = gaussian_parts(unwrapped.base)
     if gaussian is None:
         raise UnsupportedDistributionError(
@@ -300,30 +305,45 @@ def _same_values(copy: torch.Tensor, data: torch.Tensor) -> bool:
     return copy.shape == data.shape and copy.dtype == data.dtype and torch.equal(copy, data)
 
 
+def _group_by_covariance(residuals: torch.Tensor, cov_batch_shape: torch.Size):
+    """Arrange ``residuals`` as ``(G, n, D)``: ``G`` covariances, ``n`` vectors sharing each.
+
+    Returns the grouped residuals, the covariance batch shape padded to the full batch
+    (``cov_shape``, whose product is ``G``), and a function restoring scores of shape
+    ``(G, n)`` to the batch shape.
+    """
+    size = residuals.shape[-1]
+    batch_shape = torch.Size(broadcast_shape(residuals.shape[:-1], cov_batch_shape))
+    residuals = residuals.expand(batch_shape + (size,))
+    cov_shape = (1,) * (len(batch_shape) - len(cov_batch_shape)) + tuple(cov_batch_shape)
+    own = [i for i, n in enumerate(cov_shape) if n != 1]
+    shared = [i for i, n in enumerate(cov_shape) if n == 1]
+    order = own + shared
+    grouped = residuals.permute(order + [residuals.dim() - 1])
+    grouped = grouped.reshape(math.prod(cov_shape), -1, size)
+
+    def restore(scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.reshape([batch_shape[i] for i in order])
+        return scores.permute([order.index(i) for i in range(len(order))])
+
+    return grouped, cov_shape, restore
+
+
 def _grouped_gaussian_score(
     loc, covariance, value, schedule, num_masks, mask_groups=None, generator=None
 ) -> torch.Tensor:
     """Group vectors that share a covariance, score them, and restore the batch shape."""
     size = value.shape[-1]
     size_weights = schedule.size_weights(size, dtype=value.dtype, device=value.device)
-    residuals = value - loc
-    batch_shape = torch.Size(broadcast_shape(residuals.shape[:-1], covariance.shape[:-2]))
-    residuals = residuals.expand(batch_shape + (size,))
-    cov_shape = (1,) * (len(batch_shape) - (covariance.dim() - 2)) + tuple(covariance.shape[:-2])
-    covariance = covariance.reshape(cov_shape + (size, size))
-    own = [i for i, n in enumerate(cov_shape) if n != 1]
-    shared = [i for i, n in enumerate(cov_shape) if n == 1]
-    order = own + shared
-    grouped = residuals.permute(order + [residuals.dim() - 1])
+    grouped, cov_shape, restore = _group_by_covariance(value - loc, covariance.shape[:-2])
     num_groups = math.prod(cov_shape)
-    grouped = grouped.reshape(num_groups, -1, size)
     if num_masks == "all":
         check_enumeration(size, schedule.sizes(size), num_groups, size_weights.dtype)
     scatter = None
     if (
         num_groups == 1
         and loc.shape[:-1].numel() == 1
-        and value.shape == batch_shape + (size,)
+        and value.shape[:-1].numel() == grouped.shape[1]
         and value.device.type == "cpu"
     ):
         scatter = _ResidualScatter(value, loc)
@@ -336,5 +356,37 @@ def _grouped_gaussian_score(
         mask_groups=mask_groups,
         generator=generator,
     )
-    scores = scores.reshape([batch_shape[i] for i in order])
-    return scores.permute([order.index(i) for i in range(len(order))])
+    return restore(scores)
+
+
+def _low_rank_parts(d, value: torch.Tensor, num_masks, mask_groups):
+    """``(loc, cov_factor, cov_diag)`` of a ``LowRankMultivariateNormal`` that the low-rank
+    engine scores more cheaply than the dense one, else None.
+
+    The low-rank engine draws permutations shared by the vectors of the call; ``"all"`` and
+    ``mask_groups`` use the dense engine.
+    """
+    if not isinstance(d, tdist.LowRankMultivariateNormal) or len(d.event_shape) != 1:
+        return None
+    if num_masks == "all" or mask_groups is not None:
+        return None
+    factor, diag = d._unbroadcasted_cov_factor, d._unbroadcasted_cov_diag
+    size, rank = factor.shape[-2:]
+    cov_batch = torch.Size(broadcast_shape(factor.shape[:-2], diag.shape[:-1]))
+    batch = broadcast_shape(value.shape[:-1], d.loc.shape[:-1], cov_batch)
+    if not low_rank_cost_is_lower(size, rank, math.prod(batch), cov_batch.numel()):
+        return None
+    return _unexpand(d.loc, 1), factor, diag
+
+
+def _low_rank_score(loc, factor, diag, value, schedule, num_masks, generator) -> torch.Tensor:
+    """Score with :mod:`pyro_masked.conditionals.lowrank`, grouped like the dense engine."""
+    size, rank = factor.shape[-2:]
+    cov_batch = torch.Size(broadcast_shape(factor.shape[:-2], diag.shape[:-1]))
+    grouped, cov_shape, restore = _group_by_covariance(value - loc, cov_batch)
+    num_groups = math.prod(cov_shape)
+    factor = factor.expand(cov_batch + (size, rank)).reshape(num_groups, size, rank)
+    diag = diag.expand(cov_batch + (size,)).reshape(num_groups, size)
+    context_weights = schedule.context_weights(size, dtype=value.dtype, device=value.device)
+    scores = low_rank_masked_score(factor, diag, grouped, context_weights, num_masks, generator)
+    return restore(scores)

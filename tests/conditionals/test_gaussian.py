@@ -3,9 +3,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from oracles import expected_masked_score, permutation_score, random_spd
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from oracles import LargestAllocation, expected_masked_score, permutation_score, random_spd
 
 import pyro_masked.conditionals.gaussian as gaussian
 from pyro_masked import masked_log_prob
@@ -275,21 +273,6 @@ def test_relative_error_of_a_sum_falls_like_one_over_root_n_with_per_vector_grou
     assert small / large < 1.6
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest storage any operation returns (views share their base's storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest_bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest_bytes = max(self.largest_bytes, tensor.untyped_storage().nbytes())
-        return out
-
-
 @pytest.mark.parametrize("expanded", [False, True])
 def test_plate_expanded_covariance_allocates_nothing_of_size_n_d_squared(expanded):
     # A covariance built outside pyro.plate is expanded over the plate: its backward must not
@@ -297,7 +280,7 @@ def test_plate_expanded_covariance_allocates_nothing_of_size_n_d_squared(expande
     num_points, size = 300, 16
     factor = torch.randn(size, 3, requires_grad=True)
     value = torch.randn(num_points, size)
-    with _LargestAllocation() as recorder:
+    with LargestAllocation() as recorder:
         d = torch.distributions.MultivariateNormal(
             torch.zeros(size), factor @ factor.T + torch.eye(size)
         )
@@ -384,7 +367,7 @@ def test_enumerating_masks_beyond_the_memory_limit_is_a_clear_error():
     # covariances would be 6.4 GB; it must fail before allocating anything of that size.
     size = 200
     d = torch.distributions.MultivariateNormal(torch.zeros(size), torch.eye(size))
-    with _LargestAllocation() as recorder, pytest.raises(ValueError, match="5.93 GiB"):
+    with LargestAllocation() as recorder, pytest.raises(ValueError, match="5.93 GiB"):
         masked_log_prob(d, torch.randn(size), mask=2, num_masks="all")
     assert recorder.largest_bytes < 2**20
     assert gaussian.enumeration_bytes(size, [2]) == 19_900 * size * size * 8

@@ -3,6 +3,7 @@ import gc
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 from oracles import LargestAllocation, expected_masked_score, permutation_score, random_spd
 
 import pyro_masked.conditionals.gaussian as gaussian
@@ -373,3 +374,25 @@ def test_enumerating_masks_beyond_the_memory_limit_is_a_clear_error():
     assert gaussian.enumeration_bytes(size, [2]) == 19_900 * size * size * 8
     assert not gaussian.enumeration_fits(size, [2])
     assert gaussian.enumeration_fits(30, [2])  # 435 masks of 30 x 30
+
+
+@requires_cuda
+def test_accelerator_scores_and_gradients_equal_the_cpus():
+    # On an accelerator the backward pass uses no cached scatter (and no device sync to check
+    # it): the result must still be the CPU's.
+    num_points, size = 50, 6
+
+    def scores_and_gradient(device):
+        factor = torch.randn(size, 2, generator=torch.Generator().manual_seed(0)).to(device)
+        factor.requires_grad_()
+        value = torch.randn(num_points, size, generator=torch.Generator().manual_seed(1))
+        d = torch.distributions.MultivariateNormal(
+            torch.zeros(size, device=device), factor @ factor.T + torch.eye(size, device=device)
+        ).expand([num_points])
+        generator = torch.Generator().manual_seed(2)  # a CPU generator serves any device
+        score = masked_log_prob(d, value.to(device), num_masks=3, generator=generator)
+        score.sum().backward()
+        return score.cpu(), factor.grad.cpu()
+
+    for got, expected in zip(scores_and_gradient("cuda"), scores_and_gradient("cpu")):
+        assert torch.allclose(got, expected, atol=1e-8)

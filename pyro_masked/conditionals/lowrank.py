@@ -20,7 +20,7 @@ permutation :math:`\\pi` the contexts are prefixes, so :math:`A_k` and :math:`b_
 The masked score of one permutation (:mod:`pyro_masked.conditionals.gaussian`) is
 :math:`\\sum_{k} c_k T_k` with :math:`T_k = \\sum_{j \\ge k} \\ell_{jk}`,
 :math:`\\ell_{jk} = \\log p(x_{\\pi_j} \\mid x_{\\pi_{<k}})` and context weights :math:`c_k`.
-Scoring all :math:`D` context sizes would cost :math:`O(D^2 M)`; instead :math:`R` context
+Scoring all :math:`D` context sizes would cost :math:`O(D^2 M^2)`; instead :math:`R` context
 sizes are drawn by systematic sampling from :math:`p_k \\propto c_k (D - k)` (the weight the
 schedule puts on size :math:`m = D - k`): with :math:`u \\sim U(0, 1)`, point :math:`r` takes
 the :math:`k` whose cumulative probability interval holds :math:`(u + r)/R`. Each :math:`k` is
@@ -34,20 +34,22 @@ is unbiased for the permutation's score, hence for :math:`\\sum_m w_m S(x; m)`, 
 engine. The points are evenly spread over the schedule's sizes (stratified), and a fixed mask
 size (one :math:`k`) is scored exactly, as the dense engine does.
 
-Scoring every position :math:`j` in each of the :math:`R` contexts costs
-:math:`O(R D M^2)` per permutation. For long events (beyond ``_ALL_PAIRS_LIMIT`` entries) each
-position is scored in one context only: the positions, shuffled, are cut into :math:`R`
-near-equal groups :math:`G_r`, and position :math:`j \\in G_r` counts
-:math:`(D / |G_r|)\\, \\omega_r\\, \\ell_{j k_r}` (if :math:`j \\ge k_r`). Every position
-lands in :math:`G_r` with probability :math:`|G_r| / D`, so this is unbiased too, with more
-variance and :math:`R` times less work.
+Every sum over coordinates is a matrix product: with :math:`u_t = w_t / \\sqrt{d_t}`, the
+prefix sums at the drawn sizes are products of the indicator matrix :math:`[t < k_r]` with
+the :math:`u_t u_t^\\top` (as :math:`D \\times M^2`) and the :math:`u_t e_t / \\sqrt{d_t}`, and
+:math:`w_j^\\top A_{k_r}^{-1} w_j = d_j\\, \\mathrm{vec}(A_{k_r}^{-1})^\\top \\mathrm{vec}(u_j
+u_j^\\top)` for all :math:`(r, j)` is one more product.
 
-Cost per permutation, for :math:`n` vectors: the prefix sums at the drawn sizes,
-:math:`O(D M^2)`; :math:`R` Cholesky factors of :math:`M \\times M` matrices,
-:math:`O(R M^3)`; one triangular solve per position, :math:`O(D M^2)`, and the conditionals,
-:math:`O(n D M)` (all pairs: :math:`O(R D M^2 + n R D M)`). Memory :math:`O(D M + n D)` (all
-pairs: :math:`O(R D M + n R D)`). The exact low-rank log density costs :math:`O(D M^2)`, the
-dense engine :math:`O(D^3)`.
+Cost per permutation, for :math:`n` vectors: :math:`O(R D M^2)` arithmetic in a few matrix
+products, :math:`R` inverses of :math:`M \\times M` matrices (:math:`O(R M^3)`), and
+:math:`O(n R D M)` for the conditional means; memory :math:`O(D M^2 + n R D)`. The exact
+low-rank log density costs :math:`O(D M^2)` arithmetic and :math:`O(D M)` memory, the dense
+engine :math:`O(D^3)`. The price of the sampled sizes is variance: for
+``benchmarks/sparse_gp.py``'s model at :math:`D = 1000`, :math:`M = 20`, the spread of one
+estimate falls roughly like :math:`1/R` (as systematic sampling of a smooth sum does), from
+about 13 nats at :math:`R = 8` to 4 at :math:`R = 32` (the default,
+:data:`CONTEXT_SIZES_PER_PERMUTATION`), where the dense engine's one-permutation spread is
+0.5 nats, on a log density of about :math:`-950`.
 
 References: M. A. Woodbury, "Inverting modified matrices", 1950; W. G. Madow, L. H. Madow,
 "On the theory of systematic sampling", Ann. Math. Statist. 1944.
@@ -72,12 +74,7 @@ __all__ = [
 ]
 
 #: Context sizes :math:`R` scored per permutation (fewer if the schedule has fewer sizes).
-CONTEXT_SIZES_PER_PERMUTATION = 8
-
-# Up to this many (vector, context, position, rank) entries every position is scored in every
-# drawn context; beyond it each position is scored in one context (same expectation, more
-# variance, R times less work).
-_ALL_PAIRS_LIMIT = 2**17
+CONTEXT_SIZES_PER_PERMUTATION = 32
 
 _CAPACITANCE = "the low-rank capacitance matrix I + W_C^T D_C^-1 W_C"
 
@@ -140,80 +137,14 @@ def low_rank_masked_score(
         global generator).
     :returns: shape ``(B, n)``, unbiased for :math:`\\sum_m w_m S(x; m)`.
     """
-    size, rank = cov_factor.shape[1:]
+    size = cov_factor.shape[1]
     perms = random_permutations(num_masks, size, residuals.device, generator)  # (S, D)
     sizes, weights = systematic_context_sizes(context_weights, num_masks, generator=generator)
-    num_points = sizes.shape[1]
-    if residuals.shape[0] * residuals.shape[1] * num_points * size * rank <= _ALL_PAIRS_LIMIT:
-        log_densities = conditional_log_densities(cov_factor, cov_diag, residuals, perms, sizes)
-        # T_k sums the positions j >= k; weighted over the drawn k, averaged over permutations.
-        scored = torch.arange(size, device=sizes.device) >= sizes[..., None]  # (S, R, D)
-        totals = (log_densities * scored[:, None]).sum(-1)  # (B, S, n, R)
-        return (totals * weights[:, None]).sum(-1).mean(1)
-    groups = random_permutations(num_masks, size, residuals.device, generator)  # (S, D)
-    scores = [
-        _one_context_per_position(cov_factor, cov_diag, residuals, perm, size_draw, weight, group)
-        for perm, size_draw, weight, group in zip(perms, sizes, weights, groups)
-    ]
-    return torch.stack(scores).mean(0)
-
-
-def _one_context_per_position(
-    cov_factor: torch.Tensor,
-    cov_diag: torch.Tensor,
-    residuals: torch.Tensor,
-    perm: torch.Tensor,
-    sizes: torch.Tensor,
-    weights: torch.Tensor,
-    shuffled_positions: torch.Tensor,
-) -> torch.Tensor:
-    """One permutation's estimate with each position scored in one of the drawn contexts.
-
-    The positions, shuffled, are cut into :math:`R` near-equal groups :math:`G_r`; position
-    :math:`j \\in G_r` is scored in context :math:`k_r` only, with weight :math:`D / |G_r|`
-    (its chance of landing in :math:`G_r` is :math:`|G_r| / D`), so the estimate stays unbiased
-    for :math:`\\sum_r \\omega_r T_{k_r}` while every position costs one :math:`O(M^2)`
-    triangular solve. ``sizes`` (non-decreasing) and ``weights`` are ``(R,)``; returns
-    ``(B, n)``.
-    """
-    batch, size, rank = cov_factor.shape
-    num_points = sizes.shape[0]
-    factor, diag = cov_factor[:, perm], cov_diag[:, perm]  # (B, D, M), (B, D)
-    errors = residuals[:, :, perm]  # (B, n, D)
-    inverse_scale = diag.rsqrt()
-    scaled = factor * inverse_scale[..., None]
-    whitened_errors = errors * inverse_scale[:, None]
-    # A_k - I and b_k at the drawn k: sums over the segments between consecutive k_r.
-    bounds = [0] + sizes.tolist()
-    lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
-    lengths.append(size - bounds[-1])
-    factor_segments = torch.split(scaled, lengths, dim=1)[:-1]
-    error_segments = torch.split(whitened_errors, lengths, dim=2)[:-1]
-    precisions = torch.stack([segment.mT @ segment for segment in factor_segments], 1)
-    precisions = precisions.cumsum(1) + torch.eye(rank, dtype=factor.dtype, device=factor.device)
-    information = torch.stack(
-        [errs @ segment for errs, segment in zip(error_segments, factor_segments)], 1
-    ).cumsum(1)  # (B, R, n, M)
-    lower = cholesky(precisions, what=_CAPACITANCE)  # (B, R, M, M)
-    solved_information = torch.linalg.solve_triangular(lower, information.mT, upper=False)
-    total = residuals.new_zeros(batch, residuals.shape[1])
-    cuts = [round(r * size / num_points) for r in range(num_points + 1)]
-    for r in range(num_points):
-        positions = shuffled_positions[cuts[r] : cuts[r + 1]]
-        solved_factor = torch.linalg.solve_triangular(
-            lower[:, r], factor[:, positions].mT, upper=False
-        )  # (B, M, P)
-        variance = diag[:, positions] + solved_factor.square().sum(-2)  # (B, P)
-        mean = solved_information[:, r].mT @ solved_factor  # (B, n, P)
-        log_density = -0.5 * (
-            LOG_2PI
-            + variance.log()[:, None]
-            + (errors[:, :, positions] - mean).square() / variance[:, None]
-        )
-        in_context = positions >= sizes[r]
-        scale = weights[r] * size / len(positions)
-        total = total + scale * (log_density * in_context).sum(-1)
-    return total
+    log_densities = conditional_log_densities(cov_factor, cov_diag, residuals, perms, sizes)
+    # T_k sums the positions j >= k; weighted over the drawn k, averaged over permutations.
+    scored = torch.arange(size, device=sizes.device) >= sizes[..., None]  # (S, R, D)
+    totals = (log_densities * scored[:, None]).sum(-1)  # (B, S, n, R)
+    return (totals * weights[:, None]).sum(-1).mean(1)
 
 
 def conditional_log_densities(
@@ -229,30 +160,29 @@ def conditional_log_densities(
     ``perms`` ``(S, D)`` and context sizes ``sizes`` ``(S, R)``. Returns ``(B, S, n, R, D)``;
     entries with ``j < k`` (a coordinate inside its own context) are not meaningful.
     """
-    size, rank = cov_factor.shape[1:]
+    batch, size, rank = cov_factor.shape
+    num_perms, num_points = sizes.shape
     factor = cov_factor[:, perms]  # (B, S, D, M)
     diag = cov_diag[:, perms]  # (B, S, D)
     errors = residuals[:, :, perms].movedim(1, 2)  # (B, S, n, D)
     inverse_scale = diag.rsqrt()
-    scaled = factor * inverse_scale[..., None]  # w_t / sqrt(d_t)
-    # A_k - I and b_k sum the first k permuted coordinates: products with the indicator of
-    # t < k_r, O(R D M^2) in matrix products (a prefix sum over D would cost less arithmetic,
-    # but as an (N, M, M) cumulative sum it is many times slower).
+    scaled = factor * inverse_scale[..., None]  # u_t = w_t / sqrt(d_t)
+    # Every sum over coordinates is a matrix product with M^2 (or M) rows, so the work is
+    # O(R D M^2) in a few large products and the memory O(D M^2 + n R D).
+    outer = (scaled[..., :, None] * scaled[..., None, :]).reshape(batch, num_perms, size, -1)
     before = (torch.arange(size, device=sizes.device) < sizes[..., None]).to(factor.dtype)
-    precisions = (scaled.mT[:, :, None] * before[None, :, :, None, :]) @ scaled[:, :, None]
+    # A_k - I = sum_{t<k} u_t u_t^T and b_k = sum_{t<k} u_t e_t / sqrt(d_t), at the drawn k.
+    precisions = (before[None] @ outer).reshape(batch, num_perms, num_points, rank, rank)
     precisions = precisions + torch.eye(rank, dtype=factor.dtype, device=factor.device)
-    weighted_errors = scaled[:, :, None] * (errors * inverse_scale[:, :, None])[..., None]
-    information = before[None, :, None] @ weighted_errors  # (B, S, n, R, M)
-    lower = cholesky(precisions, what=_CAPACITANCE)
-    # w_j^T A^-1 w_j and w_j^T A^-1 b through L^-1 W^T (one product per k) and L^-1 b.
-    solved_factor = torch.linalg.solve_triangular(
-        lower, factor.mT.contiguous()[:, :, None], upper=False
-    )  # (B, S, R, M, D)
-    solved_information = torch.linalg.solve_triangular(
-        lower[:, :, None], information[..., None], upper=False
-    )[..., 0]  # (B, S, n, R, M)
-    variance = diag[:, :, None] + solved_factor.square().sum(-2)  # (B, S, R, D)
-    mean = (solved_information[..., None, :] @ solved_factor[:, :, None])[..., 0, :]
+    weighted = scaled.mT[:, :, None] * (errors * inverse_scale[:, :, None])[..., None, :]
+    information = weighted @ before.mT[None, :, None]  # (B, S, n, M, R)
+    inverse = torch.cholesky_inverse(cholesky(precisions, what=_CAPACITANCE))  # (B, S, R, M, M)
+    # w_j^T A^-1 w_j = d_j u_j^T A^-1 u_j, for every (k, j) in one product with the u_j u_j^T.
+    quadratic = inverse.reshape(batch, num_perms, num_points, -1) @ outer.mT  # (B, S, R, D)
+    variance = diag[:, :, None] * (1 + quadratic)
+    # w_j^T A^-1 b: A^-1 b per (vector, k), then one product with the w_j.
+    solved = (inverse[:, :, None] @ information.movedim(-1, -2)[..., None])[..., 0]
+    mean = solved @ factor.mT[:, :, None]  # (B, S, n, R, D)
     return -0.5 * (
         LOG_2PI
         + variance.log()[:, :, None]

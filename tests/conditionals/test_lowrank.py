@@ -49,9 +49,7 @@ def test_systematic_context_sizes_draw_each_size_with_its_weight():
     assert ((mean - context_weights).abs() <= 4 * stderr + 1e-12).all()
 
 
-@pytest.mark.parametrize("all_pairs_limit", [2**17, 0])
-def test_fixed_mask_size_is_the_dense_engines_estimate(monkeypatch, all_pairs_limit):
-    monkeypatch.setattr(lowrank, "_ALL_PAIRS_LIMIT", all_pairs_limit)
+def test_fixed_mask_size_is_the_dense_engines_estimate():
     size, mask_size = 7, 3
     factor, diag, covariance = _low_rank((2,), size)
     residuals = torch.randn(2, 3, size)
@@ -66,17 +64,12 @@ def test_fixed_mask_size_is_the_dense_engines_estimate(monkeypatch, all_pairs_li
     assert torch.allclose(low_rank, dense, atol=1e-10)
 
 
-@pytest.mark.parametrize("pairs", ["every position in every context", "one context each"])
 @pytest.mark.parametrize(
     "schedule", [Cumulative(), SizeWeights(torch.tensor([3.0, 0, 1, 0, 2, 1]))]
 )
-def test_low_rank_score_is_unbiased_for_the_expectation_over_every_mask(
-    monkeypatch, schedule, pairs
-):
+def test_low_rank_score_is_unbiased_for_the_expectation_over_every_mask(monkeypatch, schedule):
     # Fewer context sizes than sizes, so the systematic draw is exercised.
     monkeypatch.setattr(lowrank, "CONTEXT_SIZES_PER_PERMUTATION", 3)
-    if pairs == "one context each":
-        monkeypatch.setattr(lowrank, "_ALL_PAIRS_LIMIT", 0)
     size, num_draws = 6, 1000
     factor, diag, covariance = _low_rank((1,), size)
     residuals = torch.randn(1, 2, size)

@@ -169,25 +169,68 @@ def conditional_log_densities(
     scaled = factor * inverse_scale[..., None]  # u_t = w_t / sqrt(d_t)
     # Every sum over coordinates is a matrix product with M^2 (or M) rows, so the work is
     # O(R D M^2) in a few large products and the memory O(D M^2 + n R D).
-    outer = (scaled[..., :, None] * scaled[..., None, :]).reshape(batch, num_perms, size, -1)
-    before = (torch.arange(size, device=sizes.device) < sizes[..., None]).to(factor.dtype)
-    # A_k - I = sum_{t<k} u_t u_t^T and b_k = sum_{t<k} u_t e_t / sqrt(d_t), at the drawn k.
-    precisions = (before[None] @ outer).reshape(batch, num_perms, num_points, rank, rank)
+    # A_k - I = sum_{t<k} u_t u_t^T and b_k = sum_{t<k} u_t e_t / sqrt(d_t) at the drawn k
+    # (non-decreasing along r): sums over the segments between consecutive k_r, accumulated.
+    whitened_errors = errors * inverse_scale[:, :, None]  # (B, S, n, D)
+    precisions, information = [], []
+    for perm_index, perm_sizes in enumerate(sizes.tolist()):
+        bounds = [0] + perm_sizes + [size]
+        lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
+        factor_segments = torch.split(scaled[:, perm_index], lengths, dim=1)[:-1]
+        error_segments = torch.split(whitened_errors[:, perm_index], lengths, dim=-1)[:-1]
+        precisions.append(torch.stack([seg.mT @ seg for seg in factor_segments], 1))
+        information.append(
+            torch.stack([e @ seg for e, seg in zip(error_segments, factor_segments)], -2)
+        )  # (B, n, R, M)
+    precisions = torch.stack(precisions, 1).cumsum(2)  # (B, S, R, M, M)
     precisions = precisions + torch.eye(rank, dtype=factor.dtype, device=factor.device)
-    weighted = scaled.mT[:, :, None] * (errors * inverse_scale[:, :, None])[..., None, :]
-    information = weighted @ before.mT[None, :, None]  # (B, S, n, M, R)
+    information = torch.stack(information, 1).cumsum(3)  # (B, S, n, R, M)
     inverse = torch.cholesky_inverse(cholesky(precisions, what=_CAPACITANCE))  # (B, S, R, M, M)
-    # w_j^T A^-1 w_j = d_j u_j^T A^-1 u_j, for every (k, j) in one product with the u_j u_j^T.
-    quadratic = inverse.reshape(batch, num_perms, num_points, -1) @ outer.mT  # (B, S, R, D)
+    # w_j^T A^-1 w_j = d_j u_j^T A^-1 u_j for every (k, j).
+    starts = sizes.min(0).values.tolist()  # positions j < k_r are not scored
+    quadratic = _QuadraticForms.apply(inverse, scaled, starts)  # (B, S, R, D)
     variance = diag[:, :, None] * (1 + quadratic)
     # w_j^T A^-1 b: A^-1 b per (vector, k), then one product with the w_j.
-    solved = (inverse[:, :, None] @ information.movedim(-1, -2)[..., None])[..., 0]
+    solved = (inverse[:, :, None] @ information[..., None])[..., 0]
     mean = solved @ factor.mT[:, :, None]  # (B, S, n, R, D)
     return -0.5 * (
         LOG_2PI
         + variance.log()[:, :, None]
         + (errors[:, :, :, None] - mean).square() / variance[:, :, None]
     )
+
+
+class _QuadraticForms(torch.autograd.Function):
+    """``out[..., r, j] = u_j^T A_r u_j`` for ``j >= starts[r]`` (zero below), for symmetric
+    ``A`` ``(..., R, M, M)`` and ``u`` ``(..., D, M)``, one context at a time.
+
+    Forming every :math:`u_j u_j^\\top` (or every :math:`A_r u_j`) at once would hold
+    :math:`D M^2` (or :math:`R D M`) numbers; a loop over the :math:`R` contexts keeps one
+    :math:`D \\times M` product alive, forward and backward, and skips the positions inside the
+    context (:math:`j < k_r`), whose scores are not used.
+    """
+
+    @staticmethod
+    def forward(ctx, matrices: torch.Tensor, vectors: torch.Tensor, starts: list):
+        ctx.save_for_backward(matrices, vectors)
+        ctx.starts = starts
+        out = vectors.new_zeros(vectors.shape[:-2] + (len(starts), vectors.shape[-2]))
+        for r, start in enumerate(starts):
+            tail = vectors[..., start:, :]
+            out[..., r, start:] = ((tail @ matrices[..., r, :, :]) * tail).sum(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        matrices, vectors = ctx.saved_tensors
+        grad_matrices = torch.empty_like(matrices)
+        grad_vectors = torch.zeros_like(vectors)
+        for r, start in enumerate(ctx.starts):
+            tail = vectors[..., start:, :]
+            weight = grad_out[..., r, start:, None]  # (..., D - start, 1)
+            grad_matrices[..., r, :, :] = (tail * weight).mT @ tail
+            grad_vectors[..., start:, :] += 2 * weight * (tail @ matrices[..., r, :, :])
+        return grad_matrices, grad_vectors, None
 
 
 def low_rank_cost_is_lower(size: int, rank: int, num_vectors: int, num_covariances: int) -> bool:

@@ -88,7 +88,11 @@ def masked_log_prob(
     ``mask="cumulative"`` (:math:`w_m = 1`) is an unbiased estimate of :math:`\\log p(x)`, since
     :math:`\\log p(x) = \\sum_m S(x; m)` (Fong & Holmes, 2020); a fixed size or rate returns
     :math:`D\\, S(x; m)` (Moreno-Muñoz et al., 2023). Gaussian models use one Cholesky factor
-    per random permutation for every mask size (:mod:`pyro_masked.conditionals.gaussian`).
+    per random permutation for every mask size (:mod:`pyro_masked.conditionals.gaussian`); a
+    ``LowRankMultivariateNormal`` of rank well below :math:`D` scored on few vectors (a sparse
+    GP) uses Woodbury conditionals on sampled context sizes instead, without forming the
+    covariance (:mod:`pyro_masked.conditionals.lowrank`: unbiased, with more spread), except
+    for ``num_masks="all"`` and ``mask_groups``.
     Distributions that factorize over the event have their marginals as conditionals, so
     their masked score equals ``d.log_prob(value)`` for every schedule, and a univariate
     distribution has nothing to mask.

@@ -271,19 +271,22 @@ class _ResidualScatter:
     """:math:`\\sum_n (x_n - \\mu)(x_n - \\mu)^\\top` for data ``x`` sharing one mean, on demand.
 
     The observations of a model are usually the same tensor at every step, so the data's own
-    scatter :math:`X^\\top X` and sum are kept with the data tensor (an entry dies with it) and
-    the masked score's backward pass costs :math:`O(N D)` instead of :math:`O(N D^2)`. An entry
-    is used only while a private copy of the data it was computed from is equal to the data,
-    element by element: a buffer refilled behind autograd's back (``x.data.copy_``, a NumPy
-    array under ``torch.from_numpy`` rewritten) has no version bump, so neither identity nor
-    version can tell that it changed. The comparison reads :math:`2 N D` numbers, a fraction of
-    the :math:`2 N D^2` operations it saves.
+    scatter :math:`X^\\top X` and sum are kept with the data tensor from its second use on
+    (an entry dies with the tensor), and the masked score's backward pass costs
+    :math:`O(N D)` instead of :math:`O(N D^2)`. An entry is used only while a private copy of
+    the data it was computed from is equal to the data, element by element: a buffer refilled
+    behind autograd's back (``x.data.copy_``, a NumPy array under ``torch.from_numpy``
+    rewritten) has no version bump, so neither identity nor version can tell that it
+    changed. The comparison reads :math:`2 N D` numbers, a fraction of the :math:`2 N D^2`
+    operations it saves.
 
     CPU data only: on an accelerator the comparison would synchronise the device in every
     backward pass, and the product it saves is cheap there.
     """
 
     _entries: dict = {}  # id(data) -> (copy of data, X^T X, sum of rows); removed with the data
+    _seen_once = object()  # the first use stores nothing: fresh data every step (minibatches)
+    # would pay for a copy that is never reused
 
     def __init__(self, value: torch.Tensor, loc: torch.Tensor):
         self.value = value
@@ -293,12 +296,15 @@ class _ResidualScatter:
         data = self.value.detach().reshape(-1, self.value.shape[-1])
         key = id(self.value)
         entry = self._entries.get(key)
-        if entry is None or not _same_values(entry[0], data):
-            if entry is None:
-                weakref.finalize(self.value, self._entries.pop, key, None)
-            entry = (data.clone(), data.mT @ data, data.sum(0))
-            self._entries[key] = entry
-        _, second_moment, total = entry
+        if entry is None:
+            weakref.finalize(self.value, self._entries.pop, key, None)
+            self._entries[key] = self._seen_once
+            second_moment, total = data.mT @ data, data.sum(0)
+        else:
+            if entry is self._seen_once or not _same_values(entry[0], data):
+                entry = (data.clone(), data.mT @ data, data.sum(0))
+                self._entries[key] = entry
+            _, second_moment, total = entry
         loc = self.loc
         cross = torch.outer(total, loc)
         scatter = second_moment - cross - cross.mT + data.shape[0] * torch.outer(loc, loc)

@@ -338,7 +338,8 @@ def test_data_refilled_without_a_version_bump_gives_the_right_gradient(refill):
         masked_log_prob(d, value, num_masks=2, generator=generator).sum().backward()
         return factor.grad.clone(), loc.grad.clone()
 
-    gradients(observed)  # fills the cache
+    gradients(observed)
+    gradients(observed)  # the second use caches the data's scatter
     version = observed._version
     if refill == "data.copy_":
         observed.data.copy_(new_values)
@@ -353,9 +354,11 @@ def test_cached_data_scatter_is_released_with_the_data():
     from pyro_masked.scoring import _ResidualScatter
 
     factor = torch.randn(3, 3, requires_grad=True)
-    d = torch.distributions.MultivariateNormal(torch.zeros(3), factor @ factor.T + torch.eye(3))
     value = torch.randn(20, 3)
-    masked_log_prob(d, value).sum().backward()
+    for _ in range(2):  # the second use caches the data's scatter
+        covariance = factor @ factor.T + torch.eye(3)
+        d = torch.distributions.MultivariateNormal(torch.zeros(3), covariance)
+        masked_log_prob(d, value).sum().backward()
     key = id(value)
     assert key in _ResidualScatter._entries
     del value

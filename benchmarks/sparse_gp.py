@@ -28,6 +28,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_masked import MaskedELBO, masked_log_prob
+from pyro_masked.conditionals import lowrank
 
 
 def paired_times(steps: dict, repeats: int) -> dict:
@@ -91,9 +92,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1000 only, fewer repeats")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--context-sizes",
+        type=int,
+        default=lowrank.CONTEXT_SIZES_PER_PERMUTATION,
+        help="context sizes R drawn per permutation (speed against spread)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    lowrank.CONTEXT_SIZES_PER_PERMUTATION = args.context_sizes
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(0)
     sizes = [1000] if args.quick else [1000, 10_000]
@@ -102,7 +110,7 @@ def main(argv=None) -> None:
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,")
     print(f"# torch {torch.__version__}, pyro {pyro.__version__}, float64, median ratios of")
-    print("# alternating runs\n")
+    print(f"# alternating runs; {args.context_sizes} context sizes per permutation\n")
     print("| SVI step, SparseGPRegression (VFE), M = 20 | ratio | goal |")
     print("|---|---|---|")
     medians = []

@@ -44,12 +44,13 @@ Cost per permutation, for :math:`n` vectors: :math:`O(R D M^2)` arithmetic in a 
 products, :math:`R` inverses of :math:`M \\times M` matrices (:math:`O(R M^3)`), and
 :math:`O(n R D M)` for the conditional means; memory :math:`O(D M^2 + n R D)`. The exact
 low-rank log density costs :math:`O(D M^2)` arithmetic and :math:`O(D M)` memory, the dense
-engine :math:`O(D^3)`. The price of the sampled sizes is variance: for
-``benchmarks/sparse_gp.py``'s model at :math:`D = 1000`, :math:`M = 20`, the spread of one
-estimate falls roughly like :math:`1/R` (as systematic sampling of a smooth sum does), from
-about 13 nats at :math:`R = 8` to 4 at :math:`R = 32` (the default,
-:data:`CONTEXT_SIZES_PER_PERMUTATION`), where the dense engine's one-permutation spread is
-0.5 nats, on a log density of about :math:`-950`.
+engine :math:`O(D^3)`. The price of the sampled sizes is variance. For
+``benchmarks/sparse_gp.py``'s model (:math:`M = 20`, log density about :math:`-940` at
+:math:`D = 1000`, :math:`-9200` at :math:`D = 10^4`) the spread of one estimate at
+:math:`D = 1000` is about 13 nats with :math:`R = 8`, 3.7 with :math:`R = 16` (the default,
+:data:`CONTEXT_SIZES_PER_PERMUTATION`) and 2.5 with :math:`R = 32`, against 0.5 for the dense
+engine's one permutation; at :math:`D = 10^4` it is about 20 nats for both :math:`R = 16` and
+:math:`32` (``--context-sizes`` of the benchmark prints both).
 
 References: M. A. Woodbury, "Inverting modified matrices", 1950; W. G. Madow, L. H. Madow,
 "On the theory of systematic sampling", Ann. Math. Statist. 1944.
@@ -74,7 +75,7 @@ __all__ = [
 ]
 
 #: Context sizes :math:`R` scored per permutation (fewer if the schedule has fewer sizes).
-CONTEXT_SIZES_PER_PERMUTATION = 32
+CONTEXT_SIZES_PER_PERMUTATION = 16
 
 _CAPACITANCE = "the low-rank capacitance matrix I + W_C^T D_C^-1 W_C"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
@@ -24,6 +25,7 @@ from pyro_masked.scoring import (
     is_supported,
     masked_event_size,
 )
+from pyro_masked.util import check_generator, check_mask_groups, check_sites, unwrap
 
 __all__ = ["MaskedMessenger", "MaskedScore", "masked"]
 
@@ -35,6 +37,11 @@ class MaskedScore(TorchDistribution):
     :param schedule: the mask schedule.
     :param num_masks: permutations averaged, or ``"all"``.
     :param site: the site's name, for error messages.
+    :param mask_groups: ``None`` (vectors sharing a covariance share the permutations) or the
+        number of groups with independent permutations; see
+        :func:`~pyro_masked.masked_log_prob`.
+    :param generator: the :class:`torch.Generator` the permutations come from (``None``: the
+        global one).
     """
 
     arg_constraints = {}
@@ -45,11 +52,16 @@ class MaskedScore(TorchDistribution):
         schedule: MaskSchedule,
         num_masks: NumMasks,
         site: str = "?",
+        *,
+        mask_groups: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
     ):
         self.base_dist = base
         self.schedule = schedule
         self.num_masks = num_masks
         self.site = site
+        self.mask_groups = mask_groups
+        self.generator = generator
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
     @property
@@ -76,14 +88,31 @@ class MaskedScore(TorchDistribution):
 
     def expand(self, batch_shape, _instance=None) -> MaskedScore:
         return MaskedScore(
-            self.base_dist.expand(batch_shape), self.schedule, self.num_masks, self.site
+            self.base_dist.expand(batch_shape),
+            self.schedule,
+            self.num_masks,
+            self.site,
+            mask_groups=self.mask_groups,
+            generator=self.generator,
         )
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         try:
-            return _masked_log_prob(self.base_dist, value, self.schedule, self.num_masks)
+            return _masked_log_prob(
+                self.base_dist,
+                value,
+                self.schedule,
+                self.num_masks,
+                self.mask_groups,
+                self.generator,
+            )
         except (ValueError, TypeError) as error:
-            raise type(error)(f"masked site '{self.site}': {error}") from error
+            if type(error) in (ValueError, TypeError):
+                raise type(error)(f"masked site '{self.site}': {error}") from error
+            # A subclass (e.g. linear_operator's NotPSDError, which callers catch by type) may
+            # have another constructor: keep the exception and add the site as a note.
+            error.add_note(f"raised while scoring masked site '{self.site}'")
+            raise
 
 
 class MaskedMessenger(Messenger):
@@ -92,7 +121,12 @@ class MaskedMessenger(Messenger):
     :param mask: ``"cumulative"``, an int mask size, a float rate or a
         :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site, or ``"all"``.
-    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
+    :param sites: names of the observed sites to mask; ``None`` masks every observed site of
+        a distribution, and leaves ``pyro.factor`` and ``pyro.deterministic`` sites (which
+        observe no data) with their ordinary ``log_prob``.
+    :param mask_groups: (keyword only) ``None`` or the number of groups of vectors with
+        independent permutations; see :func:`~pyro_masked.masked_log_prob`.
+    :param generator: (keyword only) the :class:`torch.Generator` the permutations come from.
     """
 
     def __init__(
@@ -100,13 +134,17 @@ class MaskedMessenger(Messenger):
         mask: MaskLike = "cumulative",
         num_masks: NumMasks = 1,
         sites: Optional[Iterable[str]] = None,
+        *,
+        mask_groups: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
     ):
         super().__init__()
         self.schedule = as_schedule(mask)
         self.num_masks = check_num_masks(num_masks)
-        if isinstance(sites, str):
-            raise TypeError(f"sites must be a list of site names, got the string {sites!r}")
+        sites = check_sites(sites)
         self.sites = None if sites is None else frozenset(sites)
+        self.mask_groups = check_mask_groups(mask_groups)
+        self.generator = check_generator(generator)
         self._seen: set[str] = set()
 
     def __enter__(self):
@@ -132,6 +170,9 @@ class MaskedMessenger(Messenger):
             return
         self._seen.add(name)
         fn = msg["fn"]
+        if self.sites is None and _is_not_an_observation(msg):
+            # pyro.factor and pyro.deterministic (obs_mask's merged site too): no data to mask.
+            return
         if not is_supported(fn):
             hint = (
                 "leave it unmasked by listing only the sites to mask in sites=[...]"
@@ -151,7 +192,25 @@ class MaskedMessenger(Messenger):
                 self.schedule.validate(event_size)
             except ValueError as error:
                 raise ValueError(f"observed site '{name}': {error}") from error
-        msg["fn"] = MaskedScore(fn, self.schedule, self.num_masks, name)
+        msg["fn"] = MaskedScore(
+            fn,
+            self.schedule,
+            self.num_masks,
+            name,
+            mask_groups=self.mask_groups,
+            generator=self.generator,
+        )
+
+
+def _is_not_an_observation(msg) -> bool:
+    """Whether an observed site is a ``pyro.factor`` or ``pyro.deterministic`` (Unit, Delta).
+
+    Such sites add a term to the log density or record a value; they observe no data that a
+    mask could hide, so masking leaves them with their ordinary ``log_prob``.
+    """
+    if msg["infer"].get("_deterministic"):
+        return True
+    return isinstance(unwrap(msg["fn"]).base, (dist.Unit, dist.Delta))
 
 
 def masked(
@@ -159,6 +218,9 @@ def masked(
     mask: MaskLike = "cumulative",
     num_masks: NumMasks = 1,
     sites: Optional[Iterable[str]] = None,
+    *,
+    mask_groups: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ):
     """Effect handler: the model with its observed sites scored by masked pre-training.
 
@@ -176,6 +238,15 @@ def masked(
         :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site, or ``"all"``.
     :param sites: names of the observed sites to mask; ``None`` masks every observed site.
+    :param mask_groups: (keyword only) ``None`` or the number of groups of vectors with
+        independent permutations; see :func:`~pyro_masked.masked_log_prob`.
+    :param generator: (keyword only) the :class:`torch.Generator` the permutations come from.
     """
-    messenger = MaskedMessenger(mask=mask, num_masks=num_masks, sites=sites)
+    messenger = MaskedMessenger(
+        mask=mask,
+        num_masks=num_masks,
+        sites=sites,
+        mask_groups=mask_groups,
+        generator=generator,
+    )
     return messenger(fn) if fn is not None else messenger

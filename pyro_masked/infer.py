@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Optional
 
+import pyro.distributions as dist
+import torch
 from pyro.infer import Trace_ELBO
 
-from pyro_masked.handlers import masked
-from pyro_masked.integrate import Integration, check_integrate, check_num_samples
+from pyro_masked.handlers import MaskedScore, masked
+from pyro_masked.integrate import (
+    IntegratedObservation,
+    Integration,
+    check_integrate,
+    check_num_samples,
+)
 from pyro_masked.masks import MaskLike, as_schedule
 from pyro_masked.scoring import NumMasks, check_num_masks
+from pyro_masked.util import check_generator, check_mask_groups, check_sites, unwrap
 
-__all__ = ["MaskedELBO"]
+__all__ = ["MaskedELBO", "NothingToMaskWarning"]
+
+
+class NothingToMaskWarning(UserWarning):
+    """No observed site of the model has anything to mask: the loss is the ordinary ELBO."""
 
 
 class MaskedELBO(Trace_ELBO):
@@ -38,24 +51,44 @@ class MaskedELBO(Trace_ELBO):
     :func:`~pyro_masked.masked` (model). Like every Pyro loss it is a sum (over data points
     and sites), not a mean.
 
+    **What gets masked.** An observed site is masked over its event dimensions. A site whose
+    coordinates are independent given the latents (a univariate observation, or e.g.
+    ``Normal(...).to_event(1)``, ``Bernoulli(...).to_event(1)``) has nothing to mask: each
+    coordinate's conditional is its marginal, so its masked score is its ``log_prob``. When no
+    observed site has anything to mask, the loss equals :class:`~pyro.infer.Trace_ELBO`'s,
+    and the first step says so with a :class:`NothingToMaskWarning` naming the sites; where a
+    local latent couples an observation's coordinates (a VAE, a factor model), name it in
+    ``integrate=(...)`` so that masking scores the observation with the latent integrated out.
+    ``pyro.factor`` and ``pyro.deterministic`` sites observe no data and keep their
+    ``log_prob``.
+
     Example::
 
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=MaskedELBO(mask="cumulative"))
 
     or as a module for a plain PyTorch loop: ``loss_fn = MaskedELBO()(model, guide)``.
 
+    The positional arguments are :class:`~pyro.infer.Trace_ELBO`'s, in its order
+    (``MaskedELBO(4)`` averages 4 particles, as ``Trace_ELBO(4)`` does); the masking arguments
+    are keyword only.
+
     :param mask: ``"cumulative"`` (every mask size; unbiased), an int mask size, a float rate
         in ``(0, 1)`` or a :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site and particle, or ``"all"`` (the
         exact expectation over masks, for small events).
-    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
-        Sites not chosen keep their ordinary ``log_prob``.
-    :param integrate: names of local latent sites to integrate out of the masked score
-        (keyword only). Each is given ``num_samples`` values per data point in a new batch
-        dimension left of every plate: samples from the guide's distribution at that site (the
-        proposal :math:`q`), or from the prior where the guide has no such site; a discrete site
-        with enumerable support is enumerated exactly instead. The observed site that depends on
-        them (its distribution must factorize over the event given them, e.g.
+    :param sites: names of the observed sites to mask; ``None`` masks every observed site
+        that has something to mask. Sites not chosen keep their ordinary ``log_prob``.
+    :param mask_groups: ``None`` (default): the vectors of a site that share a covariance share
+        the permutations of a step. An int ``G``: they are split into ``G`` groups with
+        independent permutations; see :func:`~pyro_masked.masked_log_prob`.
+    :param generator: the :class:`torch.Generator` the permutations are drawn from; ``None``
+        uses torch's global generator (``pyro.set_rng_seed`` applies).
+    :param integrate: names of local latent sites to integrate out of the masked score. Each
+        is given ``num_samples`` values per data point in a new batch dimension left of every
+        plate: samples from the guide's distribution at that site (the proposal :math:`q`), or
+        from the prior where the guide has no such site; a discrete site with enumerable
+        support is enumerated exactly instead. The observed site that depends on them
+        (its distribution must factorize over the event given them, e.g.
         ``Bernoulli(logits=...).to_event(1)``) is scored by the self-normalised importance
         sampled masked predictive of :mod:`pyro_masked.conditionals.latent`, computed for every
         mask size at :math:`O(K D^2)` per data point; the integrated sites' own
@@ -70,9 +103,7 @@ class MaskedELBO(Trace_ELBO):
         :math:`\\log p` keeps its gradient). An observed site that depends on the integrated
         latents but is not masked (``sites``) is scored by that importance-weighted
         :math:`\\log p(x)`.
-    :param num_samples: :math:`K`, the importance samples per data point (keyword only).
-
-    The remaining arguments are :class:`~pyro.infer.Trace_ELBO`'s.
+    :param num_samples: :math:`K`, the importance samples per data point.
 
     Example, a latent-variable model trained by masking with its latent ``z`` integrated out by
     256 samples from the prior (an empty guide)::
@@ -90,11 +121,9 @@ class MaskedELBO(Trace_ELBO):
 
     def __init__(
         self,
-        mask: MaskLike = "cumulative",
-        num_masks: NumMasks = 1,
-        sites: Optional[Iterable[str]] = None,
         num_particles: int = 1,
         max_plate_nesting: float = math.inf,
+        max_iarange_nesting=None,
         vectorize_particles: bool = False,
         strict_enumeration_warning: bool = True,
         ignore_jit_warnings: bool = False,
@@ -102,14 +131,19 @@ class MaskedELBO(Trace_ELBO):
         retain_graph=None,
         tail_adaptive_beta: float = -1.0,
         *,
+        mask: MaskLike = "cumulative",
+        num_masks: NumMasks = 1,
+        sites: Optional[Iterable[str]] = None,
+        mask_groups: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
         integrate: Optional[Iterable[str]] = None,
         num_samples: int = 1,
     ):
         self.mask = as_schedule(mask)
         self.num_masks = check_num_masks(num_masks)
-        if isinstance(sites, str):
-            raise TypeError(f"sites must be a list of site names, got the string {sites!r}")
-        self.sites = None if sites is None else tuple(sites)
+        self.sites = check_sites(sites)
+        self.mask_groups = check_mask_groups(mask_groups)
+        self.generator = check_generator(generator)
         self.integrate = check_integrate(integrate)
         self.num_samples = check_num_samples(num_samples)
         if self.num_samples != 1 and not self.integrate:
@@ -117,9 +151,12 @@ class MaskedELBO(Trace_ELBO):
                 f"num_samples={num_samples} is the number of samples of the integrated latents; "
                 "name them with integrate=(...)"
             )
+        # sites=[] asks for no masking: nothing to warn about.
+        self._masking_checked = self.sites == ()
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
+            max_iarange_nesting=max_iarange_nesting,
             vectorize_particles=vectorize_particles,
             strict_enumeration_warning=strict_enumeration_warning,
             ignore_jit_warnings=ignore_jit_warnings,
@@ -128,8 +165,22 @@ class MaskedELBO(Trace_ELBO):
             tail_adaptive_beta=tail_adaptive_beta,
         )
 
+    def _get_traces(self, model, guide, args, kwargs):
+        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+            if not self._masking_checked:
+                self._masking_checked = True
+                _warn_if_nothing_masked(model_trace)
+            yield model_trace, guide_trace
+
     def _get_trace(self, model, guide, args, kwargs):
-        masked_model = masked(model, mask=self.mask, num_masks=self.num_masks, sites=self.sites)
+        masked_model = masked(
+            model,
+            mask=self.mask,
+            num_masks=self.num_masks,
+            sites=self.sites,
+            mask_groups=self.mask_groups,
+            generator=self.generator,
+        )
         if not self.integrate:
             return super()._get_trace(masked_model, guide, args, kwargs)
         if self.max_plate_nesting == math.inf:
@@ -138,3 +189,38 @@ class MaskedELBO(Trace_ELBO):
         return super()._get_trace(
             integration.model(masked_model), integration.guide(guide), args, kwargs
         )
+
+
+def _warn_if_nothing_masked(model_trace) -> None:
+    """Warn when no observed site was given a masked score that differs from its log density.
+
+    Univariate observations and observations that factorize over their event (each
+    coordinate's conditional is its marginal) have nothing to mask: their masked score is
+    their ``log_prob``, so the loss is Trace_ELBO's, bit for bit.
+    """
+    observed = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn = site["fn"]
+        if site["infer"].get("masked_integrated") or site["infer"].get("_deterministic"):
+            continue
+        if isinstance(fn, IntegratedObservation):
+            if fn.schedule is not None:
+                return
+            observed.append(name)
+        elif isinstance(fn, MaskedScore):
+            if not unwrap(fn.base_dist).factorizes:
+                return
+            observed.append(name)
+        elif not isinstance(unwrap(fn).base, (dist.Unit, dist.Delta)):
+            observed.append(name)
+    warnings.warn(
+        f"MaskedELBO: no observed site has anything to mask (observed sites: "
+        f"{observed or 'none'}; each is univariate, factorizes over its event given the "
+        "latents, or is left out by sites=), so the loss equals Trace_ELBO's. If a local latent "
+        "variable couples the coordinates of an observation, name it in integrate=(...) to mask "
+        "the observation with the latent integrated out.",
+        NothingToMaskWarning,
+        stacklevel=4,
+    )

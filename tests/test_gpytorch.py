@@ -1,9 +1,11 @@
+import logging
 import math
 
 import gpytorch
 import pytest
 import torch
 from conftest import requires_cuda
+from oracles import expected_masked_score
 
 from pyro_masked import masked_log_prob
 from pyro_masked.gpytorch import MaskedMarginalLogLikelihood
@@ -85,6 +87,63 @@ def test_random_cumulative_masks_are_unbiased():
     standard_error = values.std() / math.sqrt(len(values))
     assert values.std() > 0
     assert abs(values.mean() - exact) < 4 * standard_error
+    # Negative control: leave-one-out (a fixed size) is outside the tolerance.
+    with torch.no_grad():
+        leave_one_out = MaskedMarginalLogLikelihood(likelihood, model, mask=1, num_masks="all")
+        assert abs(leave_one_out(model(x), y) - exact) > 4 * standard_error
+
+
+def dense_marginal(likelihood, model, x):
+    """The oracle's inputs: the targets' covariance and mean as dense tensors."""
+    with torch.no_grad():
+        marginal = likelihood(model(x))
+        return marginal.covariance_matrix, marginal.mean
+
+
+@pytest.mark.parametrize("mask_size", [2, 3, 7])
+def test_fixed_sizes_over_every_mask_match_the_brute_force_oracle(mask_size):
+    x, y, likelihood, model = gaussian_setup(8)
+    with torch.no_grad():
+        model.mean_module.constant.fill_(0.3)
+    mll = MaskedMarginalLogLikelihood(likelihood, model, mask=mask_size, num_masks="all")
+    covariance, mean = dense_marginal(likelihood, model, x)
+    expected = expected_masked_score(covariance, y - mean, mask_size) / 8
+    assert torch.allclose(mll(model(x), y), expected, rtol=1e-9)
+
+
+def test_fixed_size_random_masks_are_unbiased_for_the_oracle():
+    x, y, likelihood, model = gaussian_setup(9)
+    covariance, mean = dense_marginal(likelihood, model, x)
+    expected = expected_masked_score(covariance, y - mean, 3) / 9
+    mll = MaskedMarginalLogLikelihood(likelihood, model, mask=3)
+    with torch.no_grad():
+        values = torch.stack([mll(model(x), y) for _ in range(300)])
+    standard_error = values.std() / math.sqrt(len(values))
+    assert values.std() > 0
+    assert abs(values.mean() - expected) < 4 * standard_error
+    # Negative control: the neighbouring sizes are outside the tolerance.
+    for other in (2, 4):
+        assert abs(expected_masked_score(covariance, y - mean, other) / 9 - expected) > (
+            4 * standard_error
+        )
+
+
+@pytest.mark.parametrize(
+    "batch_shape,priors,fixed_noise",
+    [(torch.Size(), False, False), (torch.Size([3]), True, False), (torch.Size(), False, True)],
+)
+def test_leave_one_out_is_gpytorchs_leave_one_out_pseudo_likelihood(
+    batch_shape, priors, fixed_noise
+):
+    # An independent peer: GPyTorch's bordered-system formula, with its own normalisation
+    # (the sum of log predictive densities and priors over N).
+    x, y, likelihood, model = gaussian_setup(10, batch_shape, priors, fixed_noise)
+    peer = gpytorch.mlls.LeaveOneOutPseudoLikelihood(likelihood, model)(model(x), y)
+    masked = MaskedMarginalLogLikelihood(likelihood, model, mask=1, num_masks="all")(model(x), y)
+    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+    assert masked.shape == batch_shape
+    assert torch.allclose(masked, peer, rtol=1e-9)
+    assert not torch.allclose(masked, exact, rtol=1e-3)  # leave-one-out is not the evidence
 
 
 def test_seeded_masks_are_fixed_and_leave_the_global_generator_alone():
@@ -138,16 +197,24 @@ def test_lbfgs_on_the_seeded_objective_reaches_the_exact_optimum():
     assert masked_noise == pytest.approx(exact_noise, rel=0.2)
 
 
-def test_float32():
-    torch.set_default_dtype(torch.float32)  # reset by conftest
-    x, y = make_data(20, dtype=torch.float32)
+def test_float32_matches_the_float64_oracle_and_is_unbiased():
+    x, y = make_data(12)
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     model = ExactGPModel(x, y, likelihood)
     model.train()
-    value = MaskedMarginalLogLikelihood(likelihood, model, num_masks=200)(model(x), y)
-    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+    covariance, mean = dense_marginal(likelihood, model, x)
+    oracle = expected_masked_score(covariance, y - mean, 2) / 12
+    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y).detach()
+    torch.set_default_dtype(torch.float32)  # reset by conftest
+    x, y, likelihood, model = x.float(), y.float(), likelihood.float(), model.float()
+    fixed_size = MaskedMarginalLogLikelihood(likelihood, model, mask=2, num_masks="all")
+    value = fixed_size(model(x), y)
     assert value.dtype == torch.float32
-    assert abs(value.item() - exact.item()) < 0.05
+    assert value.item() == pytest.approx(oracle.item(), rel=1e-5)
+    mll = MaskedMarginalLogLikelihood(likelihood, model)
+    with torch.no_grad():
+        values = torch.stack([mll(model(x), y) for _ in range(300)]).double()
+    assert abs(values.mean() - exact) < 4 * values.std() / math.sqrt(len(values))
 
 
 def test_unsupported_likelihoods_and_models_get_clear_errors():
@@ -188,8 +255,96 @@ def test_cuda_with_seed():
     x, y, likelihood, model = gaussian_setup(30)
     x, y, likelihood, model = x.cuda(), y.cuda(), likelihood.cuda(), model.cuda()
     mll = MaskedMarginalLogLikelihood(likelihood, model, num_masks=4, seed=0)
+    state = torch.cuda.get_rng_state()
     first, second = mll(model(x), y), mll(model(x), y)
+    assert torch.equal(torch.cuda.get_rng_state(), state)  # the device's generator untouched
     assert first.device.type == "cuda" and torch.equal(first, second)
     (-first).backward()
-    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
-    assert abs(first.item() - exact.item()) < 0.5
+    loo = MaskedMarginalLogLikelihood(likelihood, model, mask=1, num_masks="all")(model(x), y)
+    peer = gpytorch.mlls.LeaveOneOutPseudoLikelihood(likelihood, model)(model(x), y)
+    assert torch.allclose(loo, peer, rtol=1e-9)
+
+
+# -- BoTorch ---------------------------------------------------------------------------------
+
+
+def hartmann_data(num_points, seed):
+    from botorch.test_functions import Hartmann
+
+    generator = torch.Generator().manual_seed(1000 + seed)
+    x = torch.rand(num_points, 6, generator=generator)
+    y = Hartmann(dim=6)(x).unsqueeze(-1) + 0.05 * torch.randn(num_points, 1, generator=generator)
+    return x, y
+
+
+def botorch_fit(x, y, make_mll):
+    """Fit a fresh ``SingleTaskGP`` with ``fit_gpytorch_mll``; return its exact log likelihood
+    per data point at the fitted hyperparameters (in BoTorch's standardised units)."""
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+
+    model = SingleTaskGP(x, y)
+    fit_gpytorch_mll(make_mll(model))
+    model.train()
+    exact = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    inputs = [model.transform_inputs(t) for t in model.train_inputs]
+    with torch.no_grad():
+        return exact(model(*model.train_inputs), model.train_targets, *inputs).item()
+
+
+def test_botorch_fit_in_the_deterministic_mode_at_defaults_matches_the_exact_fit():
+    pytest.importorskip("botorch")
+    x, y = hartmann_data(60, seed=1)
+    exact = botorch_fit(x, y, lambda m: gpytorch.mlls.ExactMarginalLogLikelihood(m.likelihood, m))
+    masked = botorch_fit(x, y, lambda m: MaskedMarginalLogLikelihood(m.likelihood, m, seed=0))
+    one_permutation = botorch_fit(
+        x, y, lambda m: MaskedMarginalLogLikelihood(m.likelihood, m, num_masks=1, seed=0)
+    )
+    assert exact - 0.02 < masked <= exact + 1e-6
+    # Negative control: one fixed permutation is the biased objective the default avoids.
+    assert one_permutation < exact - 0.02
+
+
+@pytest.mark.filterwarnings("ignore:A not p.d.:linear_operator.utils.warnings.NumericalWarning")
+def test_botorch_restarts_a_fit_whose_covariance_is_not_positive_definite(caplog):
+    pytest.importorskip("botorch")
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.logging import logger
+    from botorch.models import SingleTaskGP
+
+    x, y = hartmann_data(12, seed=0)
+    x = torch.cat([x, x])  # duplicate inputs: with a huge signal variance K + noise is singular
+    y = torch.cat([y, y + 0.01])
+    kernel = gpytorch.kernels.ScaleKernel(
+        gpytorch.kernels.RBFKernel(ard_num_dims=6),
+        outputscale_prior=gpytorch.priors.GammaPrior(2.0, 0.15),
+    )
+    model = SingleTaskGP(x, y, covar_module=kernel)
+    kernel.outputscale = 1e14  # the first attempt starts here and fails
+    mll = MaskedMarginalLogLikelihood(model.likelihood, model, seed=0)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger=logger.name):
+            fit_gpytorch_mll(mll)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert not mll.training  # BoTorch's sign of a successful fit
+    assert "attempt #1 of 5 failed" in caplog.text
+    assert "the covariance" in caplog.text and "not positive definite" in caplog.text
+    assert kernel.outputscale.item() < 1e6  # resampled from its prior
+
+
+def test_random_masks_under_botorch_warn_once():
+    pytest.importorskip("botorch")
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+
+    from pyro_masked.gpytorch import RandomMasksUnderDeterministicOptimizerWarning
+
+    x, y = hartmann_data(10, seed=0)
+    model = SingleTaskGP(x, y)
+    mll = MaskedMarginalLogLikelihood(model.likelihood, model)
+    with pytest.warns(RandomMasksUnderDeterministicOptimizerWarning, match="seed=0") as record:
+        fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 3}})
+    ours = [w for w in record if w.category is RandomMasksUnderDeterministicOptimizerWarning]
+    assert len(ours) == 1

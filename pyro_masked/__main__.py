@@ -38,6 +38,7 @@ from pyro_masked.datasets import load_mauna_loa_co2
 from pyro_masked.gp import GPRegression
 from pyro_masked.infer import MaskedELBO
 from pyro_masked.masks import MaskLike, as_schedule
+from pyro_masked.util import private_generator
 
 __all__ = ["main"]
 
@@ -324,25 +325,20 @@ class FitResult(NamedTuple):
 def _objective(gp: GPRegression, objective: str, args: argparse.Namespace, fixed_masks: bool):
     """The loss of one fit, a sum over months in standardised units (Pyro's convention).
 
-    ``fixed_masks``: the masked loss redraws the same ``--polish-masks`` permutations (from
-    ``--seed``) at every call, without touching the global generator, so that it is a
-    deterministic function of the hyperparameters for L-BFGS.
+    ``fixed_masks``: the masked loss draws the same ``--polish-masks`` permutations at every
+    call, from a private generator seeded by ``--seed`` (the global generators are untouched),
+    so that it is a deterministic function of the hyperparameters for L-BFGS.
     """
     if objective == "exact":
         return lambda: -gp.log_marginal_likelihood()
-    num_masks = args.polish_masks if fixed_masks else args.num_masks
-    elbo = MaskedELBO(mask=args.mask, num_masks=num_masks)
-
-    def masked_loss() -> torch.Tensor:
-        return elbo.differentiable_loss(gp.model, gp.guide)
-
     if not fixed_masks:
-        return masked_loss
+        elbo = MaskedELBO(mask=args.mask, num_masks=args.num_masks)
+        return lambda: elbo.differentiable_loss(gp.model, gp.guide)
 
     def seeded_masked_loss() -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            return masked_loss()
+        generator = private_generator(args.seed, gp.X.device)
+        elbo = MaskedELBO(mask=args.mask, num_masks=args.polish_masks, generator=generator)
+        return elbo.differentiable_loss(gp.model, gp.guide)
 
     return seeded_masked_loss
 

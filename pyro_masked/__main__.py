@@ -46,9 +46,12 @@ __all__ = ["main"]
 LAST_TRAINING_YEAR = 1990
 #: Inputs are years since this one.
 YEAR_ORIGIN = 1958.0
-#: The fit is converged when no gradient entry of the loss (nats, over raw hyperparameters)
-#: exceeds this.
+#: The polish stops when no gradient entry of the loss (nats, over raw hyperparameters)
+#: exceeds this ...
 GRADIENT_TOLERANCE = 1e-3
+#: ... or when a fresh L-BFGS run, restarted where the last one stopped, improves the loss by
+#: less than this many nats: the optimiser can make no further progress there.
+PROGRESS_TOLERANCE = 1e-6
 #: The file name written when ``--output`` names a directory (or is empty: the current one).
 DEFAULT_OUTPUT_NAME = "mauna_loa_co2_forecast.png"
 
@@ -316,7 +319,7 @@ class FitResult(NamedTuple):
     gp: GPRegression
     adam_losses: list
     polish_iterations: int
-    converged: bool
+    stopped_by: str
     max_gradient: float
     seconds: float
     metrics: dict
@@ -364,7 +367,7 @@ def _fit(
             shown,
             to_ppm,
         )
-        iterations, converged, max_gradient = _polish(
+        iterations, stopped_by, max_gradient = _polish(
             params,
             _objective(gp, objective, args, True),
             args,
@@ -375,7 +378,7 @@ def _fit(
     seconds = time.perf_counter() - start
     metrics = {**_hyperparameters(gp, data.y_scale), **_evaluate(gp, data)}
     metrics["wall time (s)"] = seconds
-    return FitResult(gp, adam_losses, iterations, converged, max_gradient, seconds, metrics)
+    return FitResult(gp, adam_losses, iterations, stopped_by, max_gradient, seconds, metrics)
 
 
 def _adam(
@@ -412,18 +415,20 @@ def _polish(
     progress: bool,
     description: str,
     to_ppm: float,
-) -> tuple[int, bool, float]:
-    """L-BFGS on a deterministic loss until its gradient vanishes or the budget is spent.
+) -> tuple[int, str, float]:
+    """L-BFGS on a deterministic loss until it converges or the budget is spent.
 
-    L-BFGS also stops when a line search makes no headway, which on these objectives happens
-    far from the optimum; it is then restarted with a fresh curvature memory, as long as the
-    previous round improved the loss.
+    L-BFGS stops by itself when a line search makes no headway, which on these objectives can
+    happen far from the optimum (long, flat ridges, e.g. towards a vanishing RQ ``alpha``). It
+    is then restarted with a fresh curvature memory; the fit has converged when the gradient
+    vanishes (:data:`GRADIENT_TOLERANCE`) or when a restart no longer improves the loss by
+    :data:`PROGRESS_TOLERANCE`.
 
-    :returns: ``(iterations, converged, max |gradient|)``; ``converged``: the largest
-        gradient entry is below :data:`GRADIENT_TOLERANCE` where the fit stopped.
+    :returns: ``(iterations, stopped by, max |gradient|)``, with ``stopped by`` one of
+        ``"gradient"``, ``"no progress"`` (both converged), ``"budget"`` or ``"no polish"``.
     """
     if args.polish_iterations == 0:
-        return 0, False, math.nan
+        return 0, "no polish", math.nan
     bar = tqdm(desc=description, unit=" evaluations", disable=not progress, file=sys.stderr)
     best = math.inf
 
@@ -439,8 +444,8 @@ def _polish(
         bar.set_postfix_str(f"objective = {-best - to_ppm:.3f} nats (ppm units)")
         return loss
 
-    iterations = 0
-    while True:
+    iterations, stopped_by = 0, "budget"
+    while iterations < args.polish_iterations:
         before = best
         lbfgs = torch.optim.LBFGS(
             params,
@@ -455,11 +460,14 @@ def _polish(
         iterations += int(lbfgs.state[params[0]]["n_iter"])
         closure()  # the value and gradient where L-BFGS stopped
         max_gradient = max(p.grad.abs().max().item() for p in params if p.grad is not None)
-        converged = max_gradient < GRADIENT_TOLERANCE
-        if converged or iterations >= args.polish_iterations or not best < before - 1e-9:
+        if max_gradient < GRADIENT_TOLERANCE:
+            stopped_by = "gradient"
+            break
+        if not best < before - PROGRESS_TOLERANCE:
+            stopped_by = "no progress"
             break
     bar.close()
-    return iterations, converged, max_gradient
+    return iterations, stopped_by, max_gradient
 
 
 def _evaluate(gp: GPRegression, data: _Standardised) -> dict[str, float]:
@@ -498,12 +506,13 @@ def format_table(masked: FitResult, exact: FitResult, mask_label: str) -> str:
         lines.append(f"{name:<{width}}{value(masked):>22d}{value(exact):>18d}")
     name = "largest gradient entry"
     lines.append(f"{name:<{width}}{masked.max_gradient:>22.1e}{exact.max_gradient:>18.1e}")
-    lines.append(f"{'converged':<{width}}{_converged(masked):>22}{_converged(exact):>18}")
+    name = "L-BFGS stopped by"
+    lines.append(f"{name:<{width}}{masked.stopped_by:>22}{exact.stopped_by:>18}")
     return "\n".join(lines)
 
 
-def _converged(result: FitResult) -> str:
-    return "yes" if result.converged else "no"
+def _converged(result: FitResult) -> bool:
+    return result.stopped_by in ("gradient", "no progress")
 
 
 def format_summary(masked: FitResult, exact: FitResult, total_seconds: float) -> str:
@@ -521,15 +530,16 @@ def format_summary(masked: FitResult, exact: FitResult, total_seconds: float) ->
         "nats per month",
         f"  test RMSE {difference('test RMSE (ppm)'):+.4f} ppm",
     ]
-    if masked.converged and exact.converged:
+    if _converged(masked) and _converged(exact):
         lines.append(
-            f"Both fits converged (no gradient entry above {GRADIENT_TOLERANCE:g}), so these are "
-            "differences between the optima of the two objectives, not between unfinished fits."
+            "Both fits converged (L-BFGS stopped by a vanishing gradient or because a restart "
+            "made no progress), so these are differences between optima of the two objectives, "
+            "not between unfinished fits."
         )
     else:
         lines.append(
-            "At least one fit did not converge (see 'converged'): these are differences "
-            "between unfinished fits; raise --polish-iterations for converged ones."
+            "At least one fit stopped at its budget (see 'L-BFGS stopped by'): these are "
+            "differences between unfinished fits; raise --polish-iterations for converged ones."
         )
     lines.append(
         f"Measured wall time: masked fit {masked.seconds:.1f} s, exact fit {exact.seconds:.1f} s, "

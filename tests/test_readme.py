@@ -1,6 +1,8 @@
 """The README's example code, run as written, reaches what the README says it does."""
 
+import json
 import math
+import os
 import pathlib
 import re
 
@@ -10,6 +12,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
+TUTORIALS = sorted((README.parent / "tutorials").glob("*.ipynb"))
 #: Gap to the maximum of the log likelihood, in nats per data point, that a fit by cumulative
 #: masking stays within; fits of a fixed rate or of leave-one-out stop further away.
 TOLERANCE = 0.02
@@ -78,3 +81,26 @@ def test_the_readme_example_with_a_fixed_mask_size_stops_short_of_the_maximum(lo
     # tolerance must reject them.
     example = readme_example().replace("loss=MaskedELBO()", f"loss={loss}")
     assert gap_per_point(run(example)) > TOLERANCE
+
+
+@pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda path: path.name)
+def test_the_readme_test_command_runs_each_notebook_short_on_one_thread(notebook, monkeypatch):
+    # `pytest` as the README writes it executes the notebooks: by default in their short mode
+    # (no CI variable needed), in full only when PYRO_MASKED_FULL=1 asks for it.
+    cells = json.loads(notebook.read_text())["cells"]
+    sources = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
+    header = next(source for source in sources if "full_run =" in source)
+    switch = next(line for line in header.splitlines() if line.startswith("full_run ="))
+    for environment, full_run in (
+        ({}, False),
+        ({"CI": "true"}, False),
+        ({"PYRO_MASKED_FULL": "1"}, True),
+    ):
+        for name in ("CI", "PYRO_MASKED_FULL"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        namespace = {"os": os}
+        exec(switch, namespace)
+        assert namespace["full_run"] is full_run, environment
+    assert "torch.set_num_threads(1)" in header  # the threading advice of tutorials/README.md

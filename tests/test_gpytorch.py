@@ -348,3 +348,62 @@ def test_random_masks_under_botorch_warn_once():
         fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 3}})
     ours = [w for w in record if w.category is RandomMasksUnderDeterministicOptimizerWarning]
     assert len(ours) == 1
+
+
+def test_deterministic_mode_averages_the_documented_number_of_permutations():
+    from pyro_masked.gpytorch import deterministic_num_masks
+
+    rule = {1: 32, 20: 29, 60: 17, 120: 12, 240: 9, 1000: 5, 1024: 4, 10**6: 4}
+    assert {n: deterministic_num_masks(n) for n in rule} == rule
+    with pytest.raises(ValueError, match="num_points"):
+        deterministic_num_masks(0)
+    x, y, likelihood, model = gaussian_setup(20)
+    assert MaskedMarginalLogLikelihood(likelihood, model, seed=0).resolved_num_masks(20) == 29
+    assert MaskedMarginalLogLikelihood(likelihood, model).resolved_num_masks(20) == 1
+    explicit = MaskedMarginalLogLikelihood(likelihood, model, num_masks=3, seed=0)
+    assert explicit.resolved_num_masks(20) == 3
+    # The default really averages 29 permutations: it equals the explicit call.
+    default = MaskedMarginalLogLikelihood(likelihood, model, seed=0)(model(x), y)
+    same = MaskedMarginalLogLikelihood(likelihood, model, num_masks=29, seed=0)(model(x), y)
+    fewer = MaskedMarginalLogLikelihood(likelihood, model, num_masks=28, seed=0)(model(x), y)
+    assert torch.equal(default, same) and not torch.equal(default, fewer)
+
+
+def test_random_masks_under_torch_lbfgs_warn_once_and_seeded_ones_do_not():
+    from pyro_masked.gpytorch import RandomMasksUnderDeterministicOptimizerWarning
+
+    def run_lbfgs(**mll_kwargs):
+        x, y, likelihood, model = gaussian_setup(8)
+        mll = MaskedMarginalLogLikelihood(likelihood, model, **mll_kwargs)
+        lbfgs = torch.optim.LBFGS(model.parameters(), max_iter=3)
+
+        def closure():
+            lbfgs.zero_grad()
+            loss = -mll(model(x), y)
+            loss.backward()
+            return loss.detach()
+
+        for _ in range(2):
+            lbfgs.step(closure)
+        with torch.no_grad():
+            mll(model(x), y)  # outside L-BFGS: no warning
+
+    with pytest.warns(RandomMasksUnderDeterministicOptimizerWarning, match="LBFGS") as record:
+        run_lbfgs()
+    assert sum(w.category is RandomMasksUnderDeterministicOptimizerWarning for w in record) == 1
+    run_lbfgs(seed=0)  # warnings are errors in the tests
+
+
+def test_gradients_over_every_mask_are_the_exact_marginal_log_likelihoods():
+    x, y, likelihood, model = gaussian_setup(6, torch.Size([2]), priors=True)
+
+    def gradients(mll):
+        model.zero_grad()
+        (-mll(model(x), y).sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    exact = gradients(gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model))
+    masked = gradients(MaskedMarginalLogLikelihood(likelihood, model, num_masks="all"))
+    assert exact.keys() == masked.keys()
+    for name in exact:
+        assert torch.allclose(masked[name], exact[name], rtol=1e-8, atol=1e-12), name

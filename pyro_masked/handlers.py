@@ -237,9 +237,12 @@ def masked(
     :param mask: ``"cumulative"``, an int mask size, a float rate or a
         :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site, or ``"all"``.
-    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
-    :param mask_groups: (keyword only) ``None`` or the number of groups of vectors with
-        independent permutations; see :func:`~pyro_masked.masked_log_prob`.
+    :param sites: names of the observed sites to mask; ``None`` masks every observed site of
+        a distribution and leaves ``pyro.factor`` and ``pyro.deterministic`` sites alone.
+    :param mask_groups: (keyword only) ``None`` (the vectors that share a covariance share the
+        permutations: right for training) or the number of groups of vectors with independent
+        permutations (right for evidence estimates); see :func:`~pyro_masked.masked_log_prob`
+        and :class:`~pyro_masked.MaskedELBO`.
     :param generator: (keyword only) the :class:`torch.Generator` the permutations come from.
     """
     messenger = MaskedMessenger(

@@ -62,6 +62,20 @@ class MaskedELBO(Trace_ELBO):
     ``pyro.factor`` and ``pyro.deterministic`` sites observe no data and keep their
     ``log_prob``.
 
+    **Shared permutations: training against evidence.** In one step, the vectors of a site that
+    share a covariance (the data points of a plate) share the random permutations
+    (``mask_groups=None``): one Cholesky factor per permutation serves all of them, and a step
+    costs :math:`O(D^3 + N D^2)` like the exact log density. Their masking errors are then
+    correlated, so the relative error of the summed objective does not shrink with ``N``. That
+    is the right trade for training: on a PPCA model (:math:`D = 8`, ``N = 50``, 200 Adam
+    steps) the fit ends 0.45 nats below the maximum likelihood with shared permutations and
+    1.5 nats below it with independent ones per vector (mean of two seeds). It is the wrong
+    one for reading the loss as an evidence estimate (model comparison): at :math:`D = 20`,
+    the relative error of :math:`\\sum_n \\log p(x_n)` is 8.0% for ``N = 100`` and 5.1% for
+    ``N = 1000`` with shared permutations, against 1.3% and 0.37% with ``mask_groups=N``
+    (independent permutations per vector, :math:`O(N D^3)`; ``G`` groups cost
+    :math:`O(G D^3 + N D^2)`). Both from ``benchmarks/mask_sharing.py``.
+
     Example::
 
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=MaskedELBO(mask="cumulative"))
@@ -97,7 +111,11 @@ class MaskedELBO(Trace_ELBO):
         :math:`K \\to \\infty` and biased for finite :math:`K`: with ``mask="cumulative"`` the
         expectation over masks is the importance-weighted bound
         :math:`\\log \\frac{1}{K}\\sum_k p(x, z_k)/q(z_k)` (Burda et al., 2016), below
-        :math:`\\log p(x)` in expectation by :math:`O(1/K)`. Samples from a reparameterised
+        :math:`\\log p(x)` in expectation by :math:`O(1/K)`, with a large constant when the
+        prior is the proposal: about 1.6 nats per data point at :math:`D = 12`, :math:`K = 256`
+        on a linear-Gaussian factor model, against 0.03 with a guide near the posterior
+        (``benchmarks/latent_bias.py``). A guide that samples the integrated site is the
+        recommended proposal. Samples from a reparameterised
         proposal carry gradients to the guide and the model; a non-reparameterised proposal is
         held fixed (its samples and :math:`\\log q` are detached, while the prior's
         :math:`\\log p` keeps its gradient). An observed site that depends on the integrated

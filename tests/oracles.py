@@ -4,6 +4,8 @@ import itertools
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def conditional_log_density(covariance, residual, hidden, visible):
@@ -45,3 +47,18 @@ def expected_masked_score(covariance, residual, mask_size):
 def random_spd(size, generator=None, jitter=0.3):
     factor = torch.randn(size, size, generator=generator)
     return factor @ factor.T + jitter * torch.eye(size)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest storage any operation returns (views share their base's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest_bytes = max(self.largest_bytes, tensor.untyped_storage().nbytes())
+        return out

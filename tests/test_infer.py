@@ -48,23 +48,54 @@ def ppca_maximum_log_likelihood(data, rank=2):
     return dist.MultivariateNormal(torch.zeros(size), covariance).log_prob(data).sum()
 
 
+def gap_to_the_maximum(data, weights, noise, rank=2):
+    """How far below the closed-form maximum log-likelihood the parameters are, in nats."""
+    covariance = weights @ weights.T + noise * torch.eye(data.shape[-1])
+    fitted = dist.MultivariateNormal(torch.zeros(data.shape[-1]), covariance).log_prob(data)
+    return float(ppca_maximum_log_likelihood(data, rank) - fitted.sum())
+
+
+# Tolerance of the PPCA fits below, in nats of the exact log-likelihood (N = 300, D = 8). The
+# cumulative SVI fit (num_masks=8, iterates averaged over the last 100 of 400 decaying-rate
+# steps) ends 0.0002 to 0.0008 nats below the maximum over seeds 0-2 (a spread of about 0.0003),
+# while the optima of fixed-rate objectives sit 0.016 (50%), 0.053 (15%, which is leave-one-out
+# at D = 8) and 0.11 nats (80%) below it: the tolerance rejects every fixed rate.
+PPCA_TOLERANCE = 0.004
+
+
 def test_ppca_trained_by_cumulative_masking_reaches_the_maximum_likelihood():
     data = ppca_data()
-    svi = SVI(ppca_model, empty_guide, pyro.optim.Adam({"lr": 0.05}), loss=MaskedELBO())
-    for _ in range(300):
+    optimizer = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.995})
+    svi = SVI(ppca_model, empty_guide, optimizer, loss=MaskedELBO(num_masks=8))
+    steps, averaged = 400, 100
+    weights, noise = 0.0, 0.0
+    for step in range(steps):
         svi.step(data)
-    best = ppca_maximum_log_likelihood(data)
-    assert abs(exact_log_likelihood(data) - best) < 0.01 * abs(best)
+        if step >= steps - averaged:  # the average of the last iterates cancels SVI noise
+            weights = weights + pyro.param("W").detach() / averaged
+            noise = noise + pyro.param("noise").detach() / averaged
+    assert gap_to_the_maximum(data, weights, noise) < PPCA_TOLERANCE
 
 
-def test_ppca_trained_at_a_fixed_rate_improves_on_its_start():
+@pytest.mark.parametrize("mask", [0.15, 1, 0.5, 0.8], ids=["15%", "LOO", "50%", "80%"])
+def test_fixed_rate_optima_fail_the_cumulative_tolerance(mask):
+    # Negative control: every mask of the size enumerated, so the objective is deterministic
+    # and L-BFGS finds its optimum; that optimum is not the maximum likelihood.
     data = ppca_data()
-    svi = SVI(ppca_model, empty_guide, pyro.optim.Adam({"lr": 0.05}), loss=MaskedELBO(mask=0.15))
-    svi.step(data)
-    start = exact_log_likelihood(data)
-    for _ in range(200):
-        svi.step(data)
-    assert exact_log_likelihood(data) > start + 0.1 * abs(start)
+    loss_fn = MaskedELBO(mask=mask, num_masks="all")(ppca_model, empty_guide)
+    loss_fn(data)  # creates the parameters
+    parameters = [pyro.param("W").unconstrained(), pyro.param("noise").unconstrained()]
+    optimizer = torch.optim.LBFGS(parameters, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(data)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    gap = gap_to_the_maximum(data, pyro.param("W").detach(), pyro.param("noise").detach())
+    assert gap > 3 * PPCA_TOLERANCE
 
 
 COVARIANCE = random_spd(4, generator=torch.Generator().manual_seed(2)).double()
@@ -425,3 +456,47 @@ def test_nothing_to_mask_warns_once_and_only_then():
         warnings.simplefilter("error")
         elbo.loss(factorized, empty_guide, data)  # once per loss object
         MaskedELBO().loss(ppca_model, empty_guide, torch.randn(10, 8))  # something masked
+
+
+@pytest.mark.parametrize("mask_size", [1, 2, 3, 4])
+def test_fixed_size_masked_elbo_equals_the_brute_force_oracle(mask_size):
+    from oracles import expected_masked_score
+
+    data = torch.randn(3, 4) + 1.0
+    guide = AutoNormal(global_latent_model)
+    guide_trace = poutine.trace(guide).get_trace(data)
+    fixed_guide = poutine.replay(guide, guide_trace)
+    exact = Trace_ELBO().loss(global_latent_model, fixed_guide, data)
+    masked = MaskedELBO(mask=mask_size, num_masks="all").loss(
+        global_latent_model, fixed_guide, data
+    )
+    loc = guide_trace.nodes["loc"]["value"].detach()
+    marginal = dist.MultivariateNormal(loc, COVARIANCE)
+    # -ELBO changes by the exact log density minus the oracle's D * S(x; m), point by point:
+    # one conditioning per hidden coordinate and mask, every mask of the size enumerated.
+    oracle = sum(expected_masked_score(COVARIANCE, x - loc, mask_size) for x in data)
+    assert masked == pytest.approx(exact + float(marginal.log_prob(data).sum() - oracle), abs=1e-9)
+    if mask_size < 4:
+        assert masked != pytest.approx(exact, abs=1e-3)
+
+
+def test_generator_and_mask_groups_reach_the_masked_sites():
+    from pyro_masked.util import private_generator
+
+    def model(data):
+        loc = pyro.param("loc", torch.zeros(4))  # no random initialisation
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.MultivariateNormal(loc, COVARIANCE), obs=data)
+
+    data = torch.randn(20, 4)
+    state = torch.get_rng_state()
+    losses = [
+        MaskedELBO(generator=private_generator(3)).loss(model, empty_guide, data) for _ in range(2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
+    assert losses[0] == losses[1]
+    per_vector = MaskedELBO(mask_groups=20, generator=private_generator(3))
+    d = dist.MultivariateNormal(torch.zeros(4), COVARIANCE)
+    expected = masked_log_prob(d, data, mask_groups=20, generator=private_generator(3)).sum()
+    assert per_vector.loss(model, empty_guide, data) == pytest.approx(-float(expected))
+    assert per_vector.loss(model, empty_guide, data) != pytest.approx(losses[0])

@@ -3,9 +3,8 @@ import gc
 import numpy as np
 import pytest
 import torch
-from oracles import expected_masked_score, permutation_score, random_spd
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from conftest import requires_cuda
+from oracles import LargestAllocation, expected_masked_score, permutation_score, random_spd
 
 import pyro_masked.conditionals.gaussian as gaussian
 from pyro_masked import masked_log_prob
@@ -275,21 +274,6 @@ def test_relative_error_of_a_sum_falls_like_one_over_root_n_with_per_vector_grou
     assert small / large < 1.6
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest storage any operation returns (views share their base's storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest_bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest_bytes = max(self.largest_bytes, tensor.untyped_storage().nbytes())
-        return out
-
-
 @pytest.mark.parametrize("expanded", [False, True])
 def test_plate_expanded_covariance_allocates_nothing_of_size_n_d_squared(expanded):
     # A covariance built outside pyro.plate is expanded over the plate: its backward must not
@@ -297,7 +281,7 @@ def test_plate_expanded_covariance_allocates_nothing_of_size_n_d_squared(expande
     num_points, size = 300, 16
     factor = torch.randn(size, 3, requires_grad=True)
     value = torch.randn(num_points, size)
-    with _LargestAllocation() as recorder:
+    with LargestAllocation() as recorder:
         d = torch.distributions.MultivariateNormal(
             torch.zeros(size), factor @ factor.T + torch.eye(size)
         )
@@ -354,7 +338,8 @@ def test_data_refilled_without_a_version_bump_gives_the_right_gradient(refill):
         masked_log_prob(d, value, num_masks=2, generator=generator).sum().backward()
         return factor.grad.clone(), loc.grad.clone()
 
-    gradients(observed)  # fills the cache
+    gradients(observed)
+    gradients(observed)  # the second use caches the data's scatter
     version = observed._version
     if refill == "data.copy_":
         observed.data.copy_(new_values)
@@ -369,9 +354,11 @@ def test_cached_data_scatter_is_released_with_the_data():
     from pyro_masked.scoring import _ResidualScatter
 
     factor = torch.randn(3, 3, requires_grad=True)
-    d = torch.distributions.MultivariateNormal(torch.zeros(3), factor @ factor.T + torch.eye(3))
     value = torch.randn(20, 3)
-    masked_log_prob(d, value).sum().backward()
+    for _ in range(2):  # the second use caches the data's scatter
+        covariance = factor @ factor.T + torch.eye(3)
+        d = torch.distributions.MultivariateNormal(torch.zeros(3), covariance)
+        masked_log_prob(d, value).sum().backward()
     key = id(value)
     assert key in _ResidualScatter._entries
     del value
@@ -384,9 +371,31 @@ def test_enumerating_masks_beyond_the_memory_limit_is_a_clear_error():
     # covariances would be 6.4 GB; it must fail before allocating anything of that size.
     size = 200
     d = torch.distributions.MultivariateNormal(torch.zeros(size), torch.eye(size))
-    with _LargestAllocation() as recorder, pytest.raises(ValueError, match="5.93 GiB"):
+    with LargestAllocation() as recorder, pytest.raises(ValueError, match="5.93 GiB"):
         masked_log_prob(d, torch.randn(size), mask=2, num_masks="all")
     assert recorder.largest_bytes < 2**20
     assert gaussian.enumeration_bytes(size, [2]) == 19_900 * size * size * 8
     assert not gaussian.enumeration_fits(size, [2])
     assert gaussian.enumeration_fits(30, [2])  # 435 masks of 30 x 30
+
+
+@requires_cuda
+def test_accelerator_scores_and_gradients_equal_the_cpus():
+    # On an accelerator the backward pass uses no cached scatter (and no device sync to check
+    # it): the result must still be the CPU's.
+    num_points, size = 50, 6
+
+    def scores_and_gradient(device):
+        factor = torch.randn(size, 2, generator=torch.Generator().manual_seed(0)).to(device)
+        factor.requires_grad_()
+        value = torch.randn(num_points, size, generator=torch.Generator().manual_seed(1))
+        d = torch.distributions.MultivariateNormal(
+            torch.zeros(size, device=device), factor @ factor.T + torch.eye(size, device=device)
+        ).expand([num_points])
+        generator = torch.Generator().manual_seed(2)  # a CPU generator serves any device
+        score = masked_log_prob(d, value.to(device), num_masks=3, generator=generator)
+        score.sum().backward()
+        return score.cpu(), factor.grad.cpu()
+
+    for got, expected in zip(scores_and_gradient("cuda"), scores_and_gradient("cpu")):
+        assert torch.allclose(got, expected, atol=1e-8)

@@ -310,7 +310,7 @@ def _hyperparameters(gp: GPRegression, y_scale: float) -> dict[str, float]:
         "medium amplitude (ppm)": ppm * medium.outputscale.sqrt().item(),
         "medium lengthscale (yr)": medium.base_kernel.lengthscale.item(),
         "medium RQ alpha": medium.base_kernel.alpha.item(),
-        "noise std (ppm)": ppm * gp.noise.sqrt().item(),
+        "noise std (ppm)": ppm * gp.noise.sqrt().item(),  # type: ignore[attr-defined]
     }
 
 

@@ -56,7 +56,7 @@ import pyro.distributions as dist
 import torch
 from linear_operator.operators import DenseLinearOperator
 from pyro.distributions import constraints
-from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_median
 from pyro.nn import PyroModule, PyroParam, PyroSample, pyro_method
 from tqdm import tqdm
@@ -198,10 +198,17 @@ class GPRegression(PyroModule):
 
     Example::
 
-        kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-        gp = GPRegression(X, y, kernel, noise=torch.tensor(0.1))
-        losses = fit(gp, objective="masked", num_steps=300, lr=0.05)
-        mean, var = gp(Xnew, noiseless=False)
+        >>> import gpytorch
+        >>> X = torch.linspace(0.0, 1.0, 30)
+        >>> y = torch.sin(6.0 * X) + 0.1 * torch.randn(30)
+        >>> kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        >>> gp = GPRegression(X, y, kernel, noise=torch.tensor(0.1))
+        >>> losses = fit(gp, objective="masked", num_steps=100, lr=0.05, progress=False)
+        >>> losses[-1] < losses[0]
+        True
+        >>> mean, var = gp(torch.tensor([0.25, 0.5]), noiseless=False)
+        >>> mean.shape, bool((var > 0).all())
+        (torch.Size([2]), True)
 
     :param X: inputs, shape ``(N,)`` or ``(N, d)``; a 1-D tensor is one input dimension.
     :param y: targets, shape ``(N,)``.
@@ -236,7 +243,7 @@ class GPRegression(PyroModule):
         mean_function: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         jitter: float = 1e-6,
         *,
-        priors: Optional[Mapping[str, dist.Distribution]] = None,
+        priors: Optional[Mapping[str, dist.TorchDistribution]] = None,
         guide: str = "delta",
         name: str = "",
     ):
@@ -270,7 +277,7 @@ class GPRegression(PyroModule):
         else:
             if not isinstance(noise_prior, dist.Distribution):
                 raise TypeError("priors['noise'] must be a Pyro distribution")
-            self.noise = PyroSample(noise_prior)
+            self.noise = PyroSample(noise_prior)  # type: ignore[assignment]
         self._hyperpriors = {
             key: self._locate_hyperparameter(key, prior) for key, prior in priors.items()
         }
@@ -305,7 +312,7 @@ class GPRegression(PyroModule):
 
     # -- hyperparameters with priors ---------------------------------------------------------
 
-    def _locate_hyperparameter(self, key: str, prior: dist.Distribution):
+    def _locate_hyperparameter(self, key: str, prior: dist.TorchDistribution):
         """``(raw parameter path, transform to raw, prior of the right shape)`` for ``key``."""
         if not isinstance(prior, dist.Distribution):
             raise TypeError(f"priors[{key!r}] must be a Pyro distribution")
@@ -328,7 +335,7 @@ class GPRegression(PyroModule):
         parameters = dict(owner.named_parameters(recurse=False))
         if "raw_" + attribute in parameters:
             raw_name = "raw_" + attribute
-            constraint = owner.constraint_for_parameter_name(raw_name)
+            constraint = owner.constraint_for_parameter_name(raw_name)  # type: ignore[operator]
             to_raw = constraint.inverse_transform if constraint is not None else (lambda v: v)
         elif attribute in parameters:
             raw_name, to_raw = attribute, (lambda v: v)
@@ -368,7 +375,7 @@ class GPRegression(PyroModule):
     def _noise_value(self, use_median: bool) -> torch.Tensor:
         if use_median and "noise" in self._pyro_samples:
             return self.autoguide.median()[self._pyro_get_fullname("noise")]
-        return self.noise
+        return self.noise  # type: ignore[return-value]
 
     # -- kernel and mean evaluation -------------------------------------------------------------
 
@@ -554,7 +561,7 @@ def fit(
     if num_masks is None:
         num_masks = 1 if seed is None else deterministic_num_masks(gp.X.shape[0])
 
-    def make_elbo() -> ELBO:
+    def make_elbo() -> Trace_ELBO:
         if objective == "exact":
             return Trace_ELBO(num_particles=num_particles)
         # The deterministic mode re-seeds a private generator for every evaluation.
@@ -617,11 +624,11 @@ def _guarded_step(
         optim.state.update(saved_state)
 
     try:
-        loss = optim.step(closure)
+        loss = optim.step(closure)  # type: ignore[arg-type]
     except BaseException:
         restore()
         raise
     if all(torch.isfinite(p).all() for p in params):
-        return loss
+        return loss  # type: ignore[return-value]
     restore()
     raise FloatingPointError(f"step {step}: the update made a parameter non-finite; undone")

@@ -16,6 +16,7 @@ import inspect
 import math
 import sys
 import warnings
+from types import FrameType
 from typing import Any, Optional
 
 import gpytorch
@@ -77,7 +78,7 @@ _CALLER_FRAMES_SEARCHED = 64
 
 def _inside_torch_lbfgs() -> bool:
     """Whether this call runs inside :meth:`torch.optim.LBFGS.step` (a closure it evaluates)."""
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     for _ in range(_CALLER_FRAMES_SEARCHED):
         if frame is None:
             return False
@@ -139,17 +140,34 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
 
     Example::
 
+        >>> class ExactGPModel(gpytorch.models.ExactGP):
+        ...     def __init__(self, train_x, train_y, likelihood):
+        ...         super().__init__(train_x, train_y, likelihood)
+        ...         self.mean_module = gpytorch.means.ConstantMean()
+        ...         self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        ...     def forward(self, x):
+        ...         mean, covariance = self.mean_module(x), self.covar_module(x)
+        ...         return gpytorch.distributions.MultivariateNormal(mean, covariance)
+        >>> train_x = torch.linspace(0.0, 1.0, 50)
+        >>> train_y = torch.sin(6.0 * train_x) + 0.1 * torch.randn(50)
         >>> likelihood = gpytorch.likelihoods.GaussianLikelihood()
         >>> model = ExactGPModel(train_x, train_y, likelihood)
-        >>> mll = MaskedMarginalLogLikelihood(likelihood, model, mask="cumulative")
+        >>> mll = MaskedMarginalLogLikelihood(likelihood, model, mask="cumulative", num_masks=64)
+        >>> exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
         >>> output = model(train_x)
-        >>> loss = -mll(output, train_y)
-        >>> loss.backward()
+        >>> masked, reference = mll(output, train_y), exact(output, train_y)
+        >>> masked.shape, abs(masked.item() - reference.item()) < 0.05
+        (torch.Size([]), True)
+        >>> (-masked).backward()  # gradients for the hyperparameters, as with the exact objective
+        >>> model.covar_module.raw_outputscale.grad is not None
+        True
 
     With BoTorch (the deterministic mode)::
 
         >>> from botorch.fit import fit_gpytorch_mll
-        >>> fit_gpytorch_mll(MaskedMarginalLogLikelihood(model.likelihood, model, seed=0))
+        >>> mll = fit_gpytorch_mll(MaskedMarginalLogLikelihood(model.likelihood, model, seed=0))
+        >>> mll.training  # fitted, and left in evaluation mode as BoTorch does
+        False
 
     A covariance that is not positive definite, even with jitter, raises
     :class:`~pyro_masked.linalg.NotPositiveDefiniteError`, a
@@ -203,7 +221,13 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
         self.num_masks = num_masks
         self.seed = seed
 
-    def forward(self, function_dist, target: torch.Tensor, *params, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        function_dist: gpytorch.distributions.MultivariateNormal,
+        target: torch.Tensor,
+        *params: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """The masked marginal log likelihood of ``target`` per data point.
 
         :param function_dist: :math:`p(f)` at the training inputs, the output of

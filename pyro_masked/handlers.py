@@ -8,11 +8,11 @@ with ``Trace_ELBO``, ``TraceGraph_ELBO``, ``TraceEnum_ELBO``, ``RenyiELBO`` and 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions import TorchDistribution
+from pyro.distributions import TorchDistribution, constraints
 from pyro.poutine.messenger import Messenger
 
 from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
@@ -65,11 +65,11 @@ class MaskedScore(TorchDistribution):
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
     @property
-    def support(self):
+    def support(self) -> Optional[constraints.Constraint]:
         return self.base_dist.support
 
     @property
-    def has_rsample(self) -> bool:
+    def has_rsample(self) -> bool:  # type: ignore[override]  # torch's is a class attribute
         return self.base_dist.has_rsample
 
     @property
@@ -80,13 +80,13 @@ class MaskedScore(TorchDistribution):
     def variance(self) -> torch.Tensor:
         return self.base_dist.variance
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return self.base_dist.sample(sample_shape)
+    def sample(self, sample_shape: Sequence[int] = torch.Size()) -> torch.Tensor:
+        return self.base_dist.sample(sample_shape)  # type: ignore[arg-type]
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return self.base_dist.rsample(sample_shape)
+    def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> torch.Tensor:
+        return self.base_dist.rsample(sample_shape)  # type: ignore[arg-type]
 
-    def expand(self, batch_shape, _instance=None) -> MaskedScore:
+    def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> MaskedScore:
         return MaskedScore(
             self.base_dist.expand(batch_shape),
             self.schedule,
@@ -221,7 +221,7 @@ def masked(
     *,
     mask_groups: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-):
+) -> Union[MaskedMessenger, Callable]:
     """Effect handler: the model with its observed sites scored by masked pre-training.
 
     Each chosen observed site's ``log_prob`` becomes

@@ -76,9 +76,24 @@ class MaskedELBO(Trace_ELBO):
     (independent permutations per vector, :math:`O(N D^3)`; ``G`` groups cost
     :math:`O(G D^3 + N D^2)`). Both from ``benchmarks/mask_sharing.py``.
 
-    Example::
+    Example, the identity and a training loop::
 
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=MaskedELBO(mask="cumulative"))
+        >>> def model(x):  # x_n ~ N(0, W W^T + I) in R^3, W learned
+        ...     weight = pyro.param("weight", torch.ones(3, 1))
+        ...     covariance = weight @ weight.T + torch.eye(3)
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         pyro.sample("x", dist.MultivariateNormal(torch.zeros(3), covariance), obs=x)
+        >>> def guide(x):  # no latent sites: type-II maximum likelihood
+        ...     pass
+        >>> x = torch.randn(100, 3)
+        >>> exact = pyro.infer.Trace_ELBO().loss(model, guide, x)  # -log p(x)
+        >>> every_mask = MaskedELBO(num_masks="all").loss(model, guide, x)  # exact over masks
+        >>> abs(every_mask - exact) < 1e-4 * abs(exact)
+        True
+        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss=MaskedELBO())
+        >>> losses = [svi.step(x) for step in range(100)]  # one random permutation per step
+        >>> losses[-1] < losses[0]
+        True
 
     or as a module for a plain PyTorch loop: ``loss_fn = MaskedELBO()(model, guide)``.
 
@@ -123,11 +138,23 @@ class MaskedELBO(Trace_ELBO):
         :math:`\\log p(x)`.
     :param num_samples: :math:`K`, the importance samples per data point.
 
-    Example, a latent-variable model trained by masking with its latent ``z`` integrated out by
-    256 samples from the prior (an empty guide)::
+    Example, a discrete local latent integrated out by enumeration: with every mask the
+    masked score is the exact log likelihood::
 
-        elbo = MaskedELBO(integrate=("z",), num_samples=256)
-        svi = SVI(model, lambda data: None, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
+        >>> @pyro.infer.config_enumerate
+        ... def model(x):  # a mixture of two product-Bernoulli components
+        ...     probs = torch.tensor([[0.1, 0.2, 0.8, 0.9], [0.9, 0.7, 0.2, 0.1]])
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         z = pyro.sample("z", dist.Categorical(torch.tensor([0.3, 0.7])))
+        ...         pyro.sample("x", dist.Bernoulli(probs[z]).to_event(1), obs=x)
+        >>> def guide(x):
+        ...     pass
+        >>> x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+        >>> exact = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, x)
+        >>> masked = MaskedELBO(integrate=("z",), num_masks="all").loss(model, guide, x)
+        >>> abs(masked - exact) < 1e-4 * abs(exact)
+        True
+        >>> elbo = MaskedELBO(integrate=("z",), num_samples=256)  # a continuous z: 256 samples
 
     References:
 
@@ -141,12 +168,12 @@ class MaskedELBO(Trace_ELBO):
         self,
         num_particles: int = 1,
         max_plate_nesting: float = math.inf,
-        max_iarange_nesting=None,
+        max_iarange_nesting: Optional[int] = None,
         vectorize_particles: bool = False,
         strict_enumeration_warning: bool = True,
         ignore_jit_warnings: bool = False,
-        jit_options=None,
-        retain_graph=None,
+        jit_options: Optional[dict] = None,
+        retain_graph: Optional[bool] = None,
         tail_adaptive_beta: float = -1.0,
         *,
         mask: MaskLike = "cumulative",

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributions as tdist
-from pyro.distributions import TorchDistribution
+from pyro.distributions import TorchDistribution, constraints
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from pyro_masked.conditionals.latent import latent_masked_score
 from pyro_masked.handlers import MaskedScore
-from pyro_masked.scoring import all_finite
+from pyro_masked.masks import MaskSchedule
+from pyro_masked.scoring import NumMasks, all_finite
 from pyro_masked.util import Unwrapped, check_sites, unwrap
 
 __all__ = ["Integration", "IntegratedObservation", "check_integrate", "check_num_samples"]
@@ -117,7 +118,15 @@ class IntegratedObservation(TorchDistribution):
 
     arg_constraints = {}
 
-    def __init__(self, base, log_weights, schedule, num_masks, site: str, generator=None):
+    def __init__(
+        self,
+        base: TorchDistribution,
+        log_weights: torch.Tensor,
+        schedule: Optional[MaskSchedule],
+        num_masks: NumMasks,
+        site: str,
+        generator: Optional[torch.Generator] = None,
+    ):
         self.base_dist = base
         self.coordinates = coordinate_distribution(base, site)
         self.log_weights = log_weights
@@ -128,7 +137,7 @@ class IntegratedObservation(TorchDistribution):
         super().__init__(base.batch_shape[1:], base.event_shape, validate_args=False)
 
     @property
-    def support(self):
+    def support(self) -> Optional[constraints.Constraint]:
         return self.base_dist.support
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -179,17 +188,18 @@ class Integration:
         self.integrated: list[str] = []
         self.observed: Optional[str] = None
 
-    def guide(self, guide):
+    def guide(self, guide: Callable) -> Callable:
         """The guide, recording the integrated sites' proposals and hiding them from its trace."""
         return _GuideRecorder(self)(guide)
 
-    def model(self, model):
+    def model(self, model: Callable) -> Callable:
         """The model, with the integrated sites' values and the dependent observed site's score."""
         return _ModelIntegrator(self)(model)
 
     # Model side.
 
-    def integrate_site(self, msg) -> None:
+    def integrate_site(self, msg: dict) -> None:
+        """Give an integrated latent site its ``K`` values and record their weights."""
         name, prior = msg["name"], msg["fn"]
         if msg["is_observed"]:
             raise ValueError(f"integrate names '{name}', which is an observed site")
@@ -257,7 +267,8 @@ class Integration:
             log_weights = prior.log_prob(value) - log_proposal - log_count
         return value, log_weights
 
-    def observe_site(self, msg) -> None:
+    def observe_site(self, msg: dict) -> None:
+        """Score the observed site that depends on the integrated latents."""
         name, fn = msg["name"], msg["fn"]
         if isinstance(fn, MaskedScore):
             base, schedule, num_masks = fn.base_dist, fn.schedule, fn.num_masks
@@ -283,7 +294,7 @@ class Integration:
         if not all_finite(value):
             raise ValueError(f"observed site '{name}': the observed value has NaN or inf entries")
         likelihood = coordinates.base
-        inside = likelihood.support.check(value)
+        inside = likelihood.support.check(value)  # type: ignore[union-attr]
         if not bool(inside.all()):
             raise ValueError(
                 f"observed site '{name}': observed values lie outside the support "
@@ -294,7 +305,8 @@ class Integration:
             base, self.log_weights, schedule, num_masks, name, generator
         )
 
-    def check_latent(self, msg) -> None:
+    def check_latent(self, msg: dict) -> None:
+        """Check a latent site that is not integrated against the integrated ones."""
         name, fn = msg["name"], msg["fn"]
         if isinstance(fn, _Subsample):
             return
@@ -311,6 +323,7 @@ class Integration:
             )
 
     def finish(self) -> None:
+        """Check, after the model ran, that every named site was integrated."""
         missing = sorted(self.sites - set(self.integrated))
         if missing:
             raise ValueError(

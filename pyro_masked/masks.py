@@ -54,14 +54,20 @@ class MaskSchedule:
         raise NotImplementedError
 
     def size_weights(
-        self, event_size: int, dtype: torch.dtype = torch.float64, device=None
+        self,
+        event_size: int,
+        dtype: torch.dtype = torch.float64,
+        device: Union[torch.device, str, None] = None,
     ) -> torch.Tensor:
         """Weights :math:`w_m = D\\,\\pi(m)` on :math:`S(x; m)`, entry ``m - 1`` for size ``m``."""
         probs = self.size_probs(event_size).to(dtype=dtype, device=device)
         return event_size * probs
 
     def context_weights(
-        self, event_size: int, dtype: torch.dtype = torch.float64, device=None
+        self,
+        event_size: int,
+        dtype: torch.dtype = torch.float64,
+        device: Union[torch.device, str, None] = None,
     ) -> torch.Tensor:
         """Weight of each hidden coordinate's log predictive given a context of ``k`` coordinates.
 
@@ -97,6 +103,8 @@ class FixedSize(MaskSchedule):
     :param int size: the number of hidden coordinates, ``1 <= size <= D``.
     """
 
+    size: int
+
     def __init__(self, size: int):
         if isinstance(size, bool) or not isinstance(size, numbers.Integral):
             raise TypeError(f"mask size must be an int, got {size!r}")
@@ -130,6 +138,8 @@ class FixedRate(MaskSchedule):
     :param float rate: the fraction of coordinates hidden, in ``(0, 1)``.
     """
 
+    rate: float
+
     def __init__(self, rate: float):
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
             raise TypeError(f"mask rate must be a float, got {rate!r}")
@@ -138,6 +148,7 @@ class FixedRate(MaskSchedule):
         self.rate = float(rate)
 
     def mask_size(self, event_size: int) -> int:
+        """The mask size for an event of ``event_size`` coordinates."""
         """The number of hidden coordinates for an event of ``event_size`` coordinates."""
         rounded = math.floor(self.rate * event_size + 0.5 + _HALF_TOLERANCE)
         return min(event_size, max(1, rounded))
@@ -166,7 +177,7 @@ class SizeWeights(MaskSchedule):
     def __init__(self, probs: Union[Callable[[int], torch.Tensor], torch.Tensor, list]):
         self._probs = probs if callable(probs) else torch.as_tensor(probs, dtype=torch.float64)
         if not callable(probs):
-            self._check(self._probs, self._probs.numel())
+            self._check(self._probs, self._probs.numel())  # type: ignore[arg-type,union-attr]
 
     @staticmethod
     def _check(probs: torch.Tensor, event_size: int) -> torch.Tensor:

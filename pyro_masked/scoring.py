@@ -172,7 +172,7 @@ def _masked_log_prob(
         return d.log_prob(value)
     low_rank = _low_rank_parts(unwrapped.base, value, num_masks, mask_groups)
     if low_rank is not None:
-        score = _low_rank_score(*low_rank, value, schedule, num_masks, generator)
+        score = _low_rank_score(*low_rank, value, schedule, num_masks, generator)  # type: ignore[call-arg]
         return unwrapped.rewrap(score)
     gaussian = gaussian_parts(unwrapped.base)
     if gaussian is None:

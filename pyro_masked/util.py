@@ -182,7 +182,7 @@ class Unwrapped:
                 batch = broadcast_shape(score.shape[: score.dim() - pending], layer.batch_shape)
                 score = score.expand(torch.Size(batch) + event)
             else:  # MaskedDistribution
-                mask = torch.as_tensor(layer._mask, device=score.device)
+                mask = torch.as_tensor(layer._mask, device=score.device)  # type: ignore[attr-defined]
                 mask = mask.reshape(mask.shape + (1,) * pending)
                 score = torch.where(mask, score, score.new_zeros(()))
         return score

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -428,8 +428,8 @@ def gaussian_masked_score(
     covariance: torch.Tensor,
     residuals: torch.Tensor,
     size_weights: torch.Tensor,
-    num_masks,
-    scatter=None,
+    num_masks: Union[int, str],
+    scatter: Any = None,
     *,
     mask_groups: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
@@ -462,11 +462,18 @@ def gaussian_masked_score(
         )
         if mask_groups is not None:
             return _grouped_permuted_scores(
-                covariance, residuals, context_weights, num_masks, mask_groups, generator
+                covariance,
+                residuals,
+                context_weights,
+                num_masks,  # type: ignore[arg-type]
+                mask_groups,
+                generator,
             )
-        perms = random_permutations(num_masks, size, residuals.device, generator=generator)
+        # num_masks is an int here ("all" is handled below)
+        perms = random_permutations(num_masks, size, residuals.device, generator=generator)  # type: ignore[arg-type]
         return _permuted_scores(covariance, residuals, context_weights, perms, scatter)
-    total = 0.0
+    # a tensor once the first size is added (every schedule has one)
+    total: torch.Tensor = 0.0  # type: ignore[assignment]
     for index in torch.nonzero(size_weights).flatten().tolist():  # entry m - 1 for size m
         mask_size = index + 1
         weight = size_weights[index] / size  # w_m S(x; m) = (w_m / D) * D S(x; m)

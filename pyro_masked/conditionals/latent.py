@@ -375,8 +375,9 @@ def latent_masked_score(
         visible, weights = enumerated_contexts(size_weights)
         return importance_context_score(loglik, log_weights, visible, weights)
     if perms is None:
-        perms = random_permutations(batch * num_masks, size, loglik.device, generator)
-        perms = perms.reshape(batch, num_masks, size)
+        # num_masks is an int here: "all" returned above
+        perms = random_permutations(batch * num_masks, size, loglik.device, generator)  # type: ignore[arg-type]
+        perms = perms.reshape(batch, num_masks, size)  # type: ignore[arg-type]
     elif perms.shape[-1] != size or not (perms.dim() == 2 or perms.shape[:1] == (batch,)):
         raise ValueError(
             f"perms must have shape (S, {size}) or ({batch}, S, {size}), got {tuple(perms.shape)}"

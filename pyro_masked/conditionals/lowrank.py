@@ -58,7 +58,7 @@ References: M. A. Woodbury, "Inverting modified matrices", 1950; W. G. Madow, L.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -173,7 +173,9 @@ def conditional_log_densities(
     # A_k - I = sum_{t<k} u_t u_t^T and b_k = sum_{t<k} u_t e_t / sqrt(d_t) at the drawn k
     # (non-decreasing along r): sums over the segments between consecutive k_r, accumulated.
     whitened_errors = errors * inverse_scale[:, :, None]  # (B, S, n, D)
-    precisions, information = [], []
+    # per-permutation blocks, stacked into tensors below
+    precisions: Any = []
+    information: Any = []
     for perm_index, perm_sizes in enumerate(sizes.tolist()):
         bounds = [0] + perm_sizes + [size]
         lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]

@@ -28,6 +28,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro_masked.infer import MaskedELBO
 from pyro_masked.masks import MaskSchedule
 from pyro_masked.scoring import NumMasks, check_num_masks, is_supported, masked_event_size
+from pyro_masked.util import check_sites, private_generator
 
 __all__ = [
     "DEFAULT_NUM_DRAWS",
@@ -110,8 +111,7 @@ class DrawOptions:
     @classmethod
     def of(cls, num_masks, sites, integrate, num_samples) -> DrawOptions:
         num_masks = check_num_masks(num_masks)
-        if isinstance(sites, str):
-            raise TypeError(f"sites must be a list of site names, got the string {sites!r}")
+        sites = check_sites(sites)
         if integrate is None and num_samples != 1:
             raise ValueError(
                 f"num_samples={num_samples} is the number of samples of the integrated "
@@ -119,7 +119,7 @@ class DrawOptions:
             )
         return cls(
             num_masks,
-            None if sites is None else tuple(sites),
+            sites,
             None if integrate is None else tuple(integrate),
             num_samples,
         )
@@ -171,9 +171,7 @@ def draw_seeds(count: int, seed: Optional[int]) -> list[int]:
     """One seed per draw: from a private generator seeded by ``seed`` (the caller's random state
     untouched), or from torch's global generator when ``seed`` is None (so that
     ``pyro.set_rng_seed`` makes the result reproducible, as it does any Pyro sampling)."""
-    generator = None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed % 2**64)
+    generator = None if seed is None else private_generator(seed)
     # 32 bits: the CPU generator keeps only those of a seed.
     return torch.randint(0, 2**32, (count,), dtype=torch.int64, generator=generator).tolist()
 

@@ -8,7 +8,6 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributions as tdist
 from pyro import poutine
-from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import broadcast_shape, scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
@@ -21,37 +20,36 @@ from pyro_masked.diagnostics.draws import (
     seeded,
 )
 from pyro_masked.scoring import gaussian_parts
+from pyro_masked.util import check_sites, unwrap
 
 __all__ = ["coordinate_log_predictive"]
 
 
 def _coordinate_leave_one_out(fn: tdist.Distribution, value: torch.Tensor) -> torch.Tensor:
-    """:math:`\\log p(x_j \\mid x_{-j})` for every coordinate ``j``: shape batch + event."""
-    if isinstance(fn, MaskedDistribution):
-        values = _coordinate_leave_one_out(fn.base_dist, value)
-        mask = fn._mask.reshape(fn._mask.shape + (1,) * len(fn.event_shape))
-        return torch.where(mask, values, values.new_zeros(()))
-    if isinstance(fn, ExpandedDistribution):
-        values = _coordinate_leave_one_out(fn.base_dist, value)
-        return values.expand(broadcast_shape(values.shape, fn.batch_shape + fn.event_shape))
-    if not fn.event_shape:
-        # A coordinate of its own, independent of the others: the conditional is the marginal.
-        return fn.log_prob(value)
-    if isinstance(fn, tdist.Independent):
-        # Independent copies of the base: each coordinate is conditioned within its own copy
-        # (a univariate base gives the marginals, a Gaussian base its own leave-one-out).
-        return _coordinate_leave_one_out(fn.base_dist, value)
-    gaussian = gaussian_parts(fn)
+    """:math:`\\log p(x_j \\mid x_{-j})` for every coordinate ``j``: shape batch + event.
+
+    The distribution is unwrapped (:func:`~pyro_masked.util.unwrap`) down to what is scored:
+    a univariate base factorizes, so each coordinate's conditional is its marginal; a Gaussian
+    base gets its closed-form leave-one-out within each of its events (for independent copies,
+    each copy on its own). The layers are then put back per coordinate.
+    """
+    value = value.expand(broadcast_shape(value.shape, fn.batch_shape + fn.event_shape))
+    unwrapped = unwrap(fn)
+    if unwrapped.factorizes:
+        return unwrapped.rewrap(unwrapped.base.log_prob(value), sum_events=False)
+    gaussian = gaussian_parts(unwrapped.base)
     if gaussian is None:
         raise TypeError(
-            f"{type(fn).__name__} has no closed-form leave-one-out conditionals; supported are "
-            "MultivariateNormal, LowRankMultivariateNormal, distributions that factorize and "
-            "independent copies of these"
+            f"{type(unwrapped.base).__name__} has no closed-form leave-one-out conditionals; "
+            "supported are MultivariateNormal, LowRankMultivariateNormal, distributions that "
+            "factorize and independent copies of these"
         )
     loc, covariance = gaussian
     # Each vector as a batch of one: vectors sharing a covariance share its factorization.
     residuals = (value - loc).unsqueeze(-2)
-    return leave_one_out_log_densities(covariance, residuals).squeeze(-2)
+    values = leave_one_out_log_densities(covariance, residuals).squeeze(-2)
+    # The layers broadcast right-aligned batch shapes: carry the base's coordinates leftmost.
+    return unwrapped.rewrap(values.movedim(-1, 0), sum_events=False).movedim(0, -1)
 
 
 def coordinate_log_predictive(
@@ -94,8 +92,7 @@ def coordinate_log_predictive(
         raise TypeError(f"num_draws must be an int >= 1, got {num_draws!r}")
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
-    if isinstance(sites, str):
-        raise TypeError(f"sites must be a list of site names, got the string {sites!r}")
+    sites = check_sites(sites)
     wanted = None if sites is None else set(sites)
     totals: dict = {}
     for draw_seed in draw_seeds(num_draws, check_seed(seed)):

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS
+from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS, count_enumerated_masks
 from pyro_masked.diagnostics.draws import (
     DEFAULT_NUM_DRAWS,
     DrawOptions,
@@ -258,14 +258,9 @@ def mask_rate_curve(
 
 
 def _enumerated_masks(event_sizes: dict, rate: float) -> int:
-    """Masks ``num_masks="all"`` would condition on at this rate (sizes 1, D closed form)."""
+    """Masks ``num_masks="all"`` would condition on at this rate, for the largest site."""
     schedule = RateSize(rate)
-    total = 0
-    for size in event_sizes.values():
-        mask_size = schedule.mask_size(size)
-        if mask_size not in (1, size):
-            total = max(total, math.comb(size, mask_size))
-    return total
+    return max(count_enumerated_masks(size, schedule.sizes(size)) for size in event_sizes.values())
 
 
 def fixed_rate_bias(

@@ -17,10 +17,12 @@ Two counts, two names, as in the rest of the package:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
+import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -28,13 +30,16 @@ from pyro.distributions.util import scale_and_mask
 from pyro_masked.infer import MaskedELBO
 from pyro_masked.masks import MaskSchedule
 from pyro_masked.scoring import NumMasks, check_num_masks, is_supported, masked_event_size
-from pyro_masked.util import check_sites, private_generator
+from pyro_masked.util import check_mask_groups, check_sites, private_generator
 
 __all__ = [
     "DEFAULT_NUM_DRAWS",
     "Draw",
     "DrawOptions",
+    "EVERY_VECTOR",
+    "MaskGroups",
     "ModelCall",
+    "check_evidence_mask_groups",
     "check_full_plates",
     "check_num_draws",
     "check_seed",
@@ -99,6 +104,23 @@ def _empty_guide(*args, **kwargs) -> None:
     return None
 
 
+MaskGroups = Union[int, str, None]
+
+#: The evidence estimators' default ``mask_groups``: independent permutations for every vector.
+EVERY_VECTOR = "vector"
+
+
+def check_evidence_mask_groups(mask_groups: MaskGroups) -> MaskGroups:
+    """Validate ``mask_groups`` of the diagnostics: ``"vector"``, ``None`` or an int >= 1."""
+    if isinstance(mask_groups, str):
+        if mask_groups != EVERY_VECTOR:
+            raise ValueError(
+                f"mask_groups must be 'vector', None or an int >= 1, got {mask_groups!r}"
+            )
+        return mask_groups
+    return check_mask_groups(mask_groups)
+
+
 @dataclass(frozen=True)
 class DrawOptions:
     """How a draw selects and scores the sites, as for :class:`~pyro_masked.MaskedELBO`."""
@@ -107,11 +129,13 @@ class DrawOptions:
     sites: Optional[tuple] = None
     integrate: Optional[tuple] = None
     num_samples: int = 1
+    mask_groups: MaskGroups = EVERY_VECTOR
 
     @classmethod
-    def of(cls, num_masks, sites, integrate, num_samples) -> DrawOptions:
+    def of(cls, num_masks, sites, integrate, num_samples, mask_groups) -> DrawOptions:
         num_masks = check_num_masks(num_masks)
         sites = check_sites(sites)
+        mask_groups = check_evidence_mask_groups(mask_groups)
         if integrate is None and num_samples != 1:
             raise ValueError(
                 f"num_samples={num_samples} is the number of samples of the integrated "
@@ -122,14 +146,22 @@ class DrawOptions:
             sites,
             None if integrate is None else tuple(integrate),
             num_samples,
+            mask_groups,
         )
+
+    def replace(self, **changes) -> DrawOptions:
+        return dataclasses.replace(self, **changes)
 
     def loss(self, schedule: MaskSchedule) -> MaskedELBO:
         # Latent integration is passed only when asked for, so that its arguments stay optional.
         extra = {}
         if self.integrate:
             extra = {"integrate": self.integrate, "num_samples": self.num_samples}
-        return MaskedELBO(mask=schedule, num_masks=self.num_masks, sites=self.sites, **extra)
+        # One group per vector: any count at least the number of vectors means that.
+        groups = sys.maxsize if self.mask_groups == EVERY_VECTOR else self.mask_groups
+        return MaskedELBO(
+            mask=schedule, num_masks=self.num_masks, sites=self.sites, mask_groups=groups, **extra
+        )
 
 
 @dataclass

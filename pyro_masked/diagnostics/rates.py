@@ -12,7 +12,9 @@ import torch
 from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS, count_enumerated_masks
 from pyro_masked.diagnostics.draws import (
     DEFAULT_NUM_DRAWS,
+    EVERY_VECTOR,
     DrawOptions,
+    MaskGroups,
     ModelCall,
     check_num_draws,
     check_seed,
@@ -137,7 +139,7 @@ def _check_rates(rates) -> list[float]:
 
 def _probe(call: ModelCall, options: DrawOptions):
     """One cheap draw (every coordinate hidden: the marginals) to learn the sites' sizes."""
-    probe_options = DrawOptions(1, options.sites, options.integrate, options.num_samples)
+    probe_options = options.replace(num_masks=1)
     return run_draws(call, RateSize(1.0), probe_options, [0])[0]
 
 
@@ -171,6 +173,7 @@ def mask_rate_curve(
     rates: Optional[Sequence[float]] = None,
     num_draws: int = DEFAULT_NUM_DRAWS,
     num_masks: NumMasks = 1,
+    mask_groups: MaskGroups = EVERY_VECTOR,
     sites: Optional[Iterable[str]] = None,
     integrate: Optional[Iterable[str]] = None,
     num_samples: int = 1,
@@ -203,11 +206,14 @@ def mask_rate_curve(
     :param int num_draws: independent draws per rate (>= 2).
     :param num_masks: permutations averaged inside each draw, or ``"all"`` for the exact
         expectation over masks (small events only; without sampled latents, one draw).
+    :param mask_groups: ``"vector"`` (default: independent permutations per data point),
+        ``None`` (shared, as in training) or an int number of groups; see
+        :func:`~pyro_masked.estimate_log_marginal`.
 
     The other arguments are those of :func:`~pyro_masked.estimate_log_marginal`.
     """
     call = ModelCall.of(model, guide, model_args, model_kwargs)
-    options = DrawOptions.of(num_masks, sites, integrate, num_samples)
+    options = DrawOptions.of(num_masks, sites, integrate, num_samples, mask_groups)
     num_draws = check_num_draws(num_draws)
     seed = check_seed(seed)
     rates = _every_size_rates(_probe(call, options)) if rates is None else _check_rates(rates)
@@ -271,6 +277,7 @@ def fixed_rate_bias(
     model_kwargs: Optional[dict] = None,
     rates: Optional[Sequence[float]] = None,
     num_masks: Union[NumMasks, str] = "auto",
+    mask_groups: MaskGroups = EVERY_VECTOR,
     num_draws: int = DEFAULT_BIAS_DRAWS,
     sites: Optional[Iterable[str]] = None,
     integrate: Optional[Iterable[str]] = None,
@@ -296,13 +303,18 @@ def fixed_rate_bias(
         exact where enumeration fits the limit, and ``num_draws`` draws of one permutation
         elsewhere.
     :param int num_draws: independent draws per rate where the bias is estimated (>= 2).
+    :param mask_groups: ``"vector"`` (default: independent permutations per data point),
+        ``None`` (shared, as in training) or an int number of groups; see
+        :func:`~pyro_masked.estimate_log_marginal`.
 
     The other arguments are those of :func:`~pyro_masked.estimate_log_marginal`.
     """
     call = ModelCall.of(model, guide, model_args, model_kwargs)
     if num_masks != "auto":
         check_num_masks(num_masks)
-    options = DrawOptions.of(1 if num_masks == "auto" else num_masks, sites, integrate, num_samples)
+    options = DrawOptions.of(
+        1 if num_masks == "auto" else num_masks, sites, integrate, num_samples, mask_groups
+    )
     num_draws = check_num_draws(num_draws)
     seed = check_seed(seed)
     probe = _probe(call, options)
@@ -322,9 +334,7 @@ def fixed_rate_bias(
         rate_options = options
         if num_masks == "auto":
             fits = _enumerated_masks(probe.event_sizes, rate) <= MAX_ENUMERATED_MASKS
-            rate_options = DrawOptions(
-                "all" if fits else 1, options.sites, options.integrate, options.num_samples
-            )
+            rate_options = options.replace(num_masks="all" if fits else 1)
         seeds = draw_seeds(num_draws, seed)
         draws = run_draws(call, RateSize(rate), rate_options, seeds)
         values = torch.tensor([draw.masked_total() for draw in draws], dtype=torch.float64)

@@ -115,7 +115,8 @@ class PointwiseMaskedLogProb:
 
         The error comes from the per-draw sums, so it accounts for the correlation between
         points that share masks; adding the pointwise ``stderrs`` in quadrature does not (with
-        shared permutations it can understate the error of the sum tenfold).
+        shared permutations it understates the error of a sum of :math:`N` points by a factor
+        that grows like :math:`\\sqrt{N}`).
 
         :param sites: the sites to sum over; ``None`` sums over every observed site.
         """
@@ -252,8 +253,8 @@ def pointwise_masked_log_prob(
 
     Standard errors of a sum: with ``mask_groups=None`` (or groups of several points) the
     points that share permutations have correlated errors, so the error of a sum over points
-    is *not* the root sum of squares of ``stderrs`` (on a PPCA data set with shared
-    permutations, 15.9 by that rule against 144 from the draws). Use
+    is *not* the root sum of squares of ``stderrs``, which understates it by a factor growing
+    like :math:`\\sqrt{N}`. Use
     :meth:`PointwiseMaskedLogProb.total`, which sums each draw first, or the joint draws in
     ``draws``; with the default ``mask_groups="vector"`` the points' errors are independent
     and both rules agree up to Monte Carlo noise (and shared latent draws of a guide, which

@@ -97,3 +97,17 @@ def test_multi_output_contrib_gp_model_gets_each_outputs_leave_one_out():
     for output in range(2):
         expected = leave_one_out_oracle(covariance, outputs[output])
         assert values[output] == pytest.approx(expected, abs=1e-8)
+
+
+def test_a_masked_gaussian_scores_zero_where_its_mask_is_off():
+    model, data, loc, covariance = make_ppca(num_data=4, size=3)
+    keep = torch.tensor([True, False, True, False])
+
+    def masked_model(x):
+        with pyro.plate("data", 4):
+            pyro.sample("x", dist.MultivariateNormal(loc, covariance).mask(keep), obs=x)
+
+    values = coordinate_log_predictive(masked_model, model_args=(data,))["x"]
+    full = coordinate_log_predictive(model, model_args=(data,))["x"]
+    assert torch.all(values[~keep] == 0)
+    assert values[keep] == pytest.approx(full[keep], abs=1e-12)

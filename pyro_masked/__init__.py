@@ -20,7 +20,7 @@ from pyro_masked.diagnostics import (
 )
 from pyro_masked.gpytorch import MaskedMarginalLogLikelihood
 from pyro_masked.handlers import MaskedMessenger, MaskedScore, masked
-from pyro_masked.infer import MaskedELBO
+from pyro_masked.infer import MaskedELBO, NothingToMaskWarning
 from pyro_masked.masks import Cumulative, FixedRate, FixedSize, MaskSchedule, SizeWeights
 from pyro_masked.scoring import UnsupportedDistributionError, masked_log_prob
 
@@ -38,6 +38,7 @@ __all__ = [
     "MaskedMarginalLogLikelihood",
     "MaskedMessenger",
     "MaskedScore",
+    "NothingToMaskWarning",
     "PointwiseMaskedLogProb",
     "SizeWeights",
     "UnsupportedDistributionError",

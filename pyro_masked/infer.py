@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Optional
 
+import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyro_masked.handlers import masked
-from pyro_masked.integrate import Integration, check_integrate, check_num_samples
+from pyro_masked.handlers import MaskedScore, masked
+from pyro_masked.integrate import (
+    IntegratedObservation,
+    Integration,
+    check_integrate,
+    check_num_samples,
+)
 from pyro_masked.masks import MaskLike, as_schedule
 from pyro_masked.scoring import NumMasks, check_num_masks
-from pyro_masked.util import check_generator, check_mask_groups, check_sites
+from pyro_masked.util import check_generator, check_mask_groups, check_sites, unwrap
 
-__all__ = ["MaskedELBO"]
+__all__ = ["MaskedELBO", "NothingToMaskWarning"]
+
+
+class NothingToMaskWarning(UserWarning):
+    """No observed site of the model has anything to mask: the loss is the ordinary ELBO."""
 
 
 class MaskedELBO(Trace_ELBO):
@@ -39,6 +50,31 @@ class MaskedELBO(Trace_ELBO):
     non-reparameterised guides — is :class:`~pyro.infer.Trace_ELBO`'s machinery, applied to
     :func:`~pyro_masked.masked` (model). Like every Pyro loss it is a sum (over data points
     and sites), not a mean.
+
+    **What gets masked.** An observed site is masked over its event dimensions. A site whose
+    coordinates are independent given the latents (a univariate observation, or e.g.
+    ``Normal(...).to_event(1)``, ``Bernoulli(...).to_event(1)``) has nothing to mask: each
+    coordinate's conditional is its marginal, so its masked score is its ``log_prob``. When no
+    observed site has anything to mask, the loss equals :class:`~pyro.infer.Trace_ELBO`'s,
+    and the first step says so with a :class:`NothingToMaskWarning` naming the sites; where a
+    local latent couples an observation's coordinates (a VAE, a factor model), name it in
+    ``integrate=(...)`` so that masking scores the observation with the latent integrated out.
+    ``pyro.factor`` and ``pyro.deterministic`` sites observe no data and keep their
+    ``log_prob``.
+
+    **Shared permutations: training against evidence.** In one step, the vectors of a site that
+    share a covariance (the data points of a plate) share the random permutations
+    (``mask_groups=None``): one Cholesky factor per permutation serves all of them, and a step
+    costs :math:`O(D^3 + N D^2)` like the exact log density. Their masking errors are then
+    correlated, so the relative error of the summed objective does not shrink with ``N``. That
+    is the right trade for training: on a PPCA model (:math:`D = 8`, ``N = 50``, 200 Adam
+    steps) the fit ends 0.45 nats below the maximum likelihood with shared permutations and
+    1.5 nats below it with independent ones per vector (mean of two seeds). It is the wrong
+    one for reading the loss as an evidence estimate (model comparison): at :math:`D = 20`,
+    the relative error of :math:`\\sum_n \\log p(x_n)` is 8.0% for ``N = 100`` and 5.1% for
+    ``N = 1000`` with shared permutations, against 1.3% and 0.37% with ``mask_groups=N``
+    (independent permutations per vector, :math:`O(N D^3)`; ``G`` groups cost
+    :math:`O(G D^3 + N D^2)`). Both from ``benchmarks/mask_sharing.py``.
 
     Example::
 
@@ -75,7 +111,11 @@ class MaskedELBO(Trace_ELBO):
         :math:`K \\to \\infty` and biased for finite :math:`K`: with ``mask="cumulative"`` the
         expectation over masks is the importance-weighted bound
         :math:`\\log \\frac{1}{K}\\sum_k p(x, z_k)/q(z_k)` (Burda et al., 2016), below
-        :math:`\\log p(x)` in expectation by :math:`O(1/K)`. Samples from a reparameterised
+        :math:`\\log p(x)` in expectation by :math:`O(1/K)`, with a large constant when the
+        prior is the proposal: about 1.6 nats per data point at :math:`D = 12`, :math:`K = 256`
+        on a linear-Gaussian factor model, against 0.03 with a guide near the posterior
+        (``benchmarks/latent_bias.py``). A guide that samples the integrated site is the
+        recommended proposal. Samples from a reparameterised
         proposal carry gradients to the guide and the model; a non-reparameterised proposal is
         held fixed (its samples and :math:`\\log q` are detached, while the prior's
         :math:`\\log p` keeps its gradient). An observed site that depends on the integrated
@@ -129,6 +169,8 @@ class MaskedELBO(Trace_ELBO):
                 f"num_samples={num_samples} is the number of samples of the integrated latents; "
                 "name them with integrate=(...)"
             )
+        # sites=[] asks for no masking: nothing to warn about.
+        self._masking_checked = self.sites == ()
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -140,6 +182,13 @@ class MaskedELBO(Trace_ELBO):
             retain_graph=retain_graph,
             tail_adaptive_beta=tail_adaptive_beta,
         )
+
+    def _get_traces(self, model, guide, args, kwargs):
+        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+            if not self._masking_checked:
+                self._masking_checked = True
+                _warn_if_nothing_masked(model_trace)
+            yield model_trace, guide_trace
 
     def _get_trace(self, model, guide, args, kwargs):
         masked_model = masked(
@@ -158,3 +207,38 @@ class MaskedELBO(Trace_ELBO):
         return super()._get_trace(
             integration.model(masked_model), integration.guide(guide), args, kwargs
         )
+
+
+def _warn_if_nothing_masked(model_trace) -> None:
+    """Warn when no observed site was given a masked score that differs from its log density.
+
+    Univariate observations and observations that factorize over their event (each
+    coordinate's conditional is its marginal) have nothing to mask: their masked score is
+    their ``log_prob``, so the loss is Trace_ELBO's, bit for bit.
+    """
+    observed = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn = site["fn"]
+        if site["infer"].get("masked_integrated") or site["infer"].get("_deterministic"):
+            continue
+        if isinstance(fn, IntegratedObservation):
+            if fn.schedule is not None:
+                return
+            observed.append(name)
+        elif isinstance(fn, MaskedScore):
+            if not unwrap(fn.base_dist).factorizes:
+                return
+            observed.append(name)
+        elif not isinstance(unwrap(fn).base, (dist.Unit, dist.Delta)):
+            observed.append(name)
+    warnings.warn(
+        f"MaskedELBO: no observed site has anything to mask (observed sites: "
+        f"{observed or 'none'}; each is univariate, factorizes over its event given the "
+        "latents, or is left out by sites=), so the loss equals Trace_ELBO's. If a local latent "
+        "variable couples the coordinates of an observation, name it in integrate=(...) to mask "
+        "the observation with the latent integrated out.",
+        NothingToMaskWarning,
+        stacklevel=4,
+    )

@@ -116,10 +116,15 @@ def masked_log_prob(
     :returns: a tensor of shape ``broadcast(d.batch_shape, value.shape[:-event_dim])``.
 
     Vectors that share a covariance (the data points of a plate) share the permutations of a
-    call, so their masking errors are correlated: the spread of a sum over ``N`` points grows
-    like ``N``, not ``sqrt(N)``. Raising ``num_masks`` costs one :math:`O(D^3)` factorization
-    per permutation, but no extra :math:`O(N D^2)` work, since the permutations are averaged
-    before they meet the data.
+    call by default, so their masking errors are correlated: the spread of a sum over ``N``
+    points grows like ``N``, not :math:`\\sqrt{N}`, and its relative error does not shrink as
+    data are added. Raising ``num_masks`` costs one :math:`O(D^3)` factorization per
+    permutation, but no extra :math:`O(N D^2)` work, since the permutations are averaged before
+    they meet the data. For an estimate of :math:`\\sum_n \\log p(x_n)` (model comparison),
+    pass ``mask_groups=N``: independent permutations per vector, at :math:`O(N D^3)`, or ``G``
+    groups at :math:`O(G D^3 + N D^2)`. Measured on a PPCA model with :math:`D = 20`
+    (``benchmarks/mask_sharing.py``), the relative error of the sum is 8.0% (``N = 100``) and
+    5.1% (``N = 1000``) with shared permutations, 1.3% and 0.37% per vector.
 
     Example::
 
@@ -157,6 +162,7 @@ def _masked_log_prob(
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Dispatch on the distribution's type; arguments are already validated."""
+    _check_value_shape(d, value)
     unwrapped = unwrap(d)
     if unwrapped.factorizes:
         # Each coordinate's conditional is its marginal: the masked score is the log density.
@@ -168,6 +174,8 @@ def _masked_log_prob(
             f"supported are {SUPPORTED_DISTRIBUTIONS}"
         )
     loc, covariance = gaussian
+    dtype = compute_dtype(value.dtype, loc.dtype, covariance.dtype)
+    value, loc, covariance = value.to(dtype), loc.to(dtype), covariance.to(dtype)
     score = _grouped_gaussian_score(
         loc,
         covariance,
@@ -179,6 +187,43 @@ def _masked_log_prob(
     )
     # Masks, expansions and independent copies of the base event, innermost first.
     return unwrapped.rewrap(score)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype the masked score is computed in: the promotion of ``dtypes``.
+
+    Integer observations are promoted to the distribution's dtype, as in ``log_prob``. Half
+    precision (``float16``, ``bfloat16``) is raised to ``float32``: the score sums ``D^2``
+    terms per vector, whose rounding in half precision biases it by a tenth of a nat per
+    vector and more.
+    """
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
+def _check_value_shape(d: tdist.Distribution, value: torch.Tensor) -> None:
+    """Refuse a value whose shape does not fit the distribution, as ``log_prob`` validation does.
+
+    A ``ValueError``, so that Pyro reports it with the site's name and shapes.
+    """
+    event_shape, batch_shape = d.event_shape, d.batch_shape
+    event_dims = len(event_shape)
+    if value.dim() < event_dims or value.shape[value.dim() - event_dims :] != event_shape:
+        raise ValueError(
+            f"value has shape {tuple(value.shape)}, which does not end with the "
+            f"distribution's event shape {tuple(event_shape)}"
+        )
+    try:
+        broadcast_shape(value.shape[: value.dim() - event_dims], batch_shape)
+    except ValueError:
+        raise ValueError(
+            f"value has batch shape {tuple(value.shape[: value.dim() - event_dims])}, which "
+            f"does not broadcast with the distribution's batch shape {tuple(batch_shape)}"
+        ) from None
 
 
 def is_supported(d: tdist.Distribution) -> bool:

@@ -149,7 +149,9 @@ class Unwrapped:
         """Whether a :class:`~pyro.distributions.MaskedDistribution` is among the layers."""
         return any(isinstance(layer, MaskedDistribution) for layer in self.layers)
 
-    def rewrap(self, score: torch.Tensor, sum_events: bool = True) -> torch.Tensor:
+    def rewrap(
+        self, score: torch.Tensor, sum_events: bool = True, base_event_dims: int = 0
+    ) -> torch.Tensor:
         """Apply the layers, innermost first, to a score of the base.
 
         :param score: the base's scores, shape ``batch + base.event_shape``-less, i.e. one per
@@ -158,9 +160,16 @@ class Unwrapped:
             dimensions (a log density of the whole event); if ``False`` they are kept, giving
             one value per base event (per coordinate for a factorizing distribution), with the
             masks and expansions applied to them.
+        :param base_event_dims: trailing dimensions of ``score`` that index the base's own
+            event and are kept as they are (e.g. ``1`` for one leave-one-out value per
+            coordinate of a multivariate base); they are never summed.
         :returns: the score of the wrapped distribution.
         """
-        pending = 0  # trailing dims that Independent layers made event dims, kept unsummed
+        if base_event_dims and sum_events:
+            raise ValueError("base_event_dims needs sum_events=False")
+        # Trailing dims kept unsummed: the base's event dims asked for, then those that
+        # Independent layers reinterpret.
+        pending = base_event_dims
         for layer in reversed(self.layers):
             if isinstance(layer, tdist.Independent):
                 ndims = layer.reinterpreted_batch_ndims

@@ -48,23 +48,54 @@ def ppca_maximum_log_likelihood(data, rank=2):
     return dist.MultivariateNormal(torch.zeros(size), covariance).log_prob(data).sum()
 
 
+def gap_to_the_maximum(data, weights, noise, rank=2):
+    """How far below the closed-form maximum log-likelihood the parameters are, in nats."""
+    covariance = weights @ weights.T + noise * torch.eye(data.shape[-1])
+    fitted = dist.MultivariateNormal(torch.zeros(data.shape[-1]), covariance).log_prob(data)
+    return float(ppca_maximum_log_likelihood(data, rank) - fitted.sum())
+
+
+# Tolerance of the PPCA fits below, in nats of the exact log-likelihood (N = 300, D = 8). The
+# cumulative SVI fit (num_masks=8, iterates averaged over the last 100 of 400 decaying-rate
+# steps) ends 0.0002 to 0.0008 nats below the maximum over seeds 0-2 (a spread of about 0.0003),
+# while the optima of fixed-rate objectives sit 0.016 (50%), 0.053 (15%, which is leave-one-out
+# at D = 8) and 0.11 nats (80%) below it: the tolerance rejects every fixed rate.
+PPCA_TOLERANCE = 0.004
+
+
 def test_ppca_trained_by_cumulative_masking_reaches_the_maximum_likelihood():
     data = ppca_data()
-    svi = SVI(ppca_model, empty_guide, pyro.optim.Adam({"lr": 0.05}), loss=MaskedELBO())
-    for _ in range(300):
+    optimizer = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.995})
+    svi = SVI(ppca_model, empty_guide, optimizer, loss=MaskedELBO(num_masks=8))
+    steps, averaged = 400, 100
+    weights, noise = 0.0, 0.0
+    for step in range(steps):
         svi.step(data)
-    best = ppca_maximum_log_likelihood(data)
-    assert abs(exact_log_likelihood(data) - best) < 0.01 * abs(best)
+        if step >= steps - averaged:  # the average of the last iterates cancels SVI noise
+            weights = weights + pyro.param("W").detach() / averaged
+            noise = noise + pyro.param("noise").detach() / averaged
+    assert gap_to_the_maximum(data, weights, noise) < PPCA_TOLERANCE
 
 
-def test_ppca_trained_at_a_fixed_rate_improves_on_its_start():
+@pytest.mark.parametrize("mask", [0.15, 1, 0.5, 0.8], ids=["15%", "LOO", "50%", "80%"])
+def test_fixed_rate_optima_fail_the_cumulative_tolerance(mask):
+    # Negative control: every mask of the size enumerated, so the objective is deterministic
+    # and L-BFGS finds its optimum; that optimum is not the maximum likelihood.
     data = ppca_data()
-    svi = SVI(ppca_model, empty_guide, pyro.optim.Adam({"lr": 0.05}), loss=MaskedELBO(mask=0.15))
-    svi.step(data)
-    start = exact_log_likelihood(data)
-    for _ in range(200):
-        svi.step(data)
-    assert exact_log_likelihood(data) > start + 0.1 * abs(start)
+    loss_fn = MaskedELBO(mask=mask, num_masks="all")(ppca_model, empty_guide)
+    loss_fn(data)  # creates the parameters
+    parameters = [pyro.param("W").unconstrained(), pyro.param("noise").unconstrained()]
+    optimizer = torch.optim.LBFGS(parameters, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(data)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    gap = gap_to_the_maximum(data, pyro.param("W").detach(), pyro.param("noise").detach())
+    assert gap > 3 * PPCA_TOLERANCE
 
 
 COVARIANCE = random_spd(4, generator=torch.Generator().manual_seed(2)).double()
@@ -269,3 +300,203 @@ def test_covariance_not_positive_definite_names_the_site():
         pytest.raises(ValueError, match="site 'x'.*positive"),
     ):
         MaskedELBO().loss(broken, lambda: None)
+
+
+def _float32_model(data):
+    loc = pyro.param("loc", torch.zeros(4, dtype=torch.float32))
+    covariance = random_spd(4, generator=torch.Generator().manual_seed(2)).float()
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.MultivariateNormal(loc, covariance), obs=data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [torch.randn(5, 4, dtype=torch.float64), torch.randint(-3, 3, (5, 4))],
+    ids=["float64", "int64"],
+)
+def test_data_of_another_dtype_is_accepted_as_in_trace_elbo(data):
+    expected = Trace_ELBO().loss(_float32_model, empty_guide, data)
+    loss = MaskedELBO(num_masks="all").loss(_float32_model, empty_guide, data)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_shape_error_names_the_site():
+    with pytest.raises(ValueError, match=r"site 'x'[\s\S]*event shape"):
+        MaskedELBO().loss(_float32_model, empty_guide, torch.randn(5, 3))
+
+
+def test_positional_arguments_mean_what_they_mean_in_trace_elbo():
+    elbo = MaskedELBO(4, 2)
+    assert (elbo.num_particles, elbo.max_plate_nesting) == (4, 2)
+    assert repr(elbo.mask) == "Cumulative()"
+    reference = Trace_ELBO(4, 2)
+    assert (reference.num_particles, reference.max_plate_nesting) == (4, 2)
+    with pytest.raises(TypeError):
+        MaskedELBO(4, 2, None, False, True, False, None, None, -1.0, "cumulative")
+
+
+def _model_with_factor_deterministic_and_obs_mask(data, observed):
+    loc = pyro.param("loc", torch.zeros(3))
+    covariance = random_spd(3, generator=torch.Generator().manual_seed(5))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.MultivariateNormal(loc, covariance), obs=data, obs_mask=observed)
+        pyro.deterministic("doubled", 2 * data, event_dim=1)
+        pyro.factor("penalty", -0.1 * (data - loc).square().sum(-1))
+
+
+def test_default_sites_leave_factor_and_deterministic_sites_with_their_log_prob():
+    data = torch.randn(6, 3)
+    observed = torch.tensor([True, True, False, True, True, True])
+    guide = AutoNormal(
+        poutine.block(_model_with_factor_deterministic_and_obs_mask, hide=["doubled"])
+    )
+    args = (data, observed)
+    trace = poutine.trace(guide).get_trace(*args)
+    conditioned = poutine.replay(guide, trace)
+    pyro.set_rng_seed(0)
+    exact = Trace_ELBO().loss(_model_with_factor_deterministic_and_obs_mask, conditioned, *args)
+    pyro.set_rng_seed(0)
+    elbo = MaskedELBO(num_masks="all")
+    masked = elbo.loss(_model_with_factor_deterministic_and_obs_mask, conditioned, *args)
+    assert masked == pytest.approx(exact, abs=1e-8)
+    loo = MaskedELBO(mask=1, num_masks="all").loss(
+        _model_with_factor_deterministic_and_obs_mask, conditioned, *args
+    )
+    assert loo != pytest.approx(exact, abs=1e-2)  # the Gaussian site is masked
+    with pytest.raises(TypeError, match="'penalty'.*Unit"):
+        MaskedELBO(sites=["penalty"]).loss(
+            _model_with_factor_deterministic_and_obs_mask, conditioned, *args
+        )
+
+
+def _contrib_gp_models():
+    import pyro.contrib.gp as gp
+
+    inputs = torch.linspace(0, 1, 8)[:, None]
+    targets = torch.sin(6 * inputs[:, 0]) + 0.1 * torch.randn(8, generator=torch.Generator())
+    inducing = inputs[::2].clone()
+
+    def kernel():
+        return gp.kernels.RBF(input_dim=1)
+
+    return {
+        "GPRegression": lambda: gp.models.GPRegression(inputs, targets, kernel()),
+        **{
+            f"SparseGPRegression-{approx}": (
+                lambda approx=approx: gp.models.SparseGPRegression(
+                    inputs, targets, kernel(), Xu=inducing, approx=approx
+                )
+            )
+            for approx in ("DTC", "FITC", "VFE")
+        },
+        "VariationalGP": lambda: gp.models.VariationalGP(
+            inputs, targets, kernel(), likelihood=gp.likelihoods.Gaussian()
+        ),
+        "VariationalSparseGP": lambda: gp.models.VariationalSparseGP(
+            inputs, targets, kernel(), Xu=inducing, likelihood=gp.likelihoods.Gaussian()
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_contrib_gp_models()))
+def test_every_pyro_contrib_gp_model_trains_with_the_default_masked_elbo(name):
+    import warnings
+
+    from oracles import expected_masked_score
+
+    from pyro_masked.infer import NothingToMaskWarning
+    from pyro_masked.scoring import gaussian_parts
+
+    model = _contrib_gp_models()[name]()
+    exact = Trace_ELBO().loss(model.model, model.guide)
+    trace = poutine.trace(model.model).get_trace()
+    observed = trace.nodes["y"]["fn"] if "y" in trace.nodes else None
+    if observed is not None:  # a Gaussian over the N function values: leave-p-out CV
+        loc, covariance = gaussian_parts(observed)
+        residual = model.y - loc
+        oracle = expected_masked_score(covariance.detach(), residual.detach(), 1)
+        log_prob = observed.log_prob(model.y).detach()
+        loo = MaskedELBO(mask=1, num_masks="all").loss(model.model, model.guide)
+        assert loo == pytest.approx(exact + float(log_prob - oracle), abs=1e-8)
+        warning = None
+    else:  # factorized likelihood given f: the masked loss is Trace_ELBO's, and it says so
+        pyro.set_rng_seed(1)
+        exact = Trace_ELBO().loss(model.model, model.guide)
+        pyro.set_rng_seed(1)
+        with pytest.warns(NothingToMaskWarning, match="likelihood.y.*integrate="):
+            assert MaskedELBO().loss(model.model, model.guide) == exact
+        warning = NothingToMaskWarning
+    elbo = MaskedELBO()
+    svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    with warnings.catch_warnings():
+        if warning is not None:
+            warnings.simplefilter("ignore", warning)
+        losses = [svi.step() for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    lengthscale = model.kernel.lengthscale
+    assert torch.isfinite(lengthscale).all()
+
+
+def test_nothing_to_mask_warns_once_and_only_then():
+    import warnings
+
+    from pyro_masked.infer import NothingToMaskWarning
+
+    def factorized(data):
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=data)
+            pyro.sample("count", dist.Poisson(3.0), obs=torch.ones(data.shape[0]))
+
+    data = torch.randn(4, 3)
+    elbo = MaskedELBO()
+    with pytest.warns(NothingToMaskWarning, match=r"\['x', 'count'\].*integrate="):
+        elbo.loss(factorized, empty_guide, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        elbo.loss(factorized, empty_guide, data)  # once per loss object
+        MaskedELBO().loss(ppca_model, empty_guide, torch.randn(10, 8))  # something masked
+
+
+@pytest.mark.parametrize("mask_size", [1, 2, 3, 4])
+def test_fixed_size_masked_elbo_equals_the_brute_force_oracle(mask_size):
+    from oracles import expected_masked_score
+
+    data = torch.randn(3, 4) + 1.0
+    guide = AutoNormal(global_latent_model)
+    guide_trace = poutine.trace(guide).get_trace(data)
+    fixed_guide = poutine.replay(guide, guide_trace)
+    exact = Trace_ELBO().loss(global_latent_model, fixed_guide, data)
+    masked = MaskedELBO(mask=mask_size, num_masks="all").loss(
+        global_latent_model, fixed_guide, data
+    )
+    loc = guide_trace.nodes["loc"]["value"].detach()
+    marginal = dist.MultivariateNormal(loc, COVARIANCE)
+    # -ELBO changes by the exact log density minus the oracle's D * S(x; m), point by point:
+    # one conditioning per hidden coordinate and mask, every mask of the size enumerated.
+    oracle = sum(expected_masked_score(COVARIANCE, x - loc, mask_size) for x in data)
+    assert masked == pytest.approx(exact + float(marginal.log_prob(data).sum() - oracle), abs=1e-9)
+    if mask_size < 4:
+        assert masked != pytest.approx(exact, abs=1e-3)
+
+
+def test_generator_and_mask_groups_reach_the_masked_sites():
+    from pyro_masked.util import private_generator
+
+    def model(data):
+        loc = pyro.param("loc", torch.zeros(4))  # no random initialisation
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.MultivariateNormal(loc, COVARIANCE), obs=data)
+
+    data = torch.randn(20, 4)
+    state = torch.get_rng_state()
+    losses = [
+        MaskedELBO(generator=private_generator(3)).loss(model, empty_guide, data) for _ in range(2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
+    assert losses[0] == losses[1]
+    per_vector = MaskedELBO(mask_groups=20, generator=private_generator(3))
+    d = dist.MultivariateNormal(torch.zeros(4), COVARIANCE)
+    expected = masked_log_prob(d, data, mask_groups=20, generator=private_generator(3)).sum()
+    assert per_vector.loss(model, empty_guide, data) == pytest.approx(-float(expected))
+    assert per_vector.loss(model, empty_guide, data) != pytest.approx(losses[0])

@@ -110,3 +110,14 @@ def test_mask_groups_draw_independent_permutations_per_group():
     stderr = per_vector.std() / math.sqrt(len(per_vector))
     assert abs(per_vector.mean() - exact) < 4 * stderr
     assert per_vector.std() > 0
+
+
+def test_rewrap_keeps_the_base_event_dims_of_per_coordinate_values():
+    mvn = dist.MultivariateNormal(torch.zeros(3), torch.eye(3))
+    d = mvn.expand([2]).to_event(1).mask(torch.tensor(False))
+    unwrapped = unwrap(d)
+    values = torch.ones(4, 2, 3)  # e.g. a leave-one-out value per coordinate of each copy
+    kept = unwrapped.rewrap(values, sum_events=False, base_event_dims=1)
+    assert kept.shape == (4, 2, 3) and (kept == 0).all()
+    with pytest.raises(ValueError, match="sum_events=False"):
+        unwrapped.rewrap(values, base_event_dims=1)

@@ -48,8 +48,8 @@ def _coordinate_leave_one_out(fn: tdist.Distribution, value: torch.Tensor) -> to
     # Each vector as a batch of one: vectors sharing a covariance share its factorization.
     residuals = (value - loc).unsqueeze(-2)
     values = leave_one_out_log_densities(covariance, residuals).squeeze(-2)
-    # The layers broadcast right-aligned batch shapes: carry the base's coordinates leftmost.
-    return unwrapped.rewrap(values.movedim(-1, 0), sum_events=False).movedim(0, -1)
+    # One value per coordinate of the base's event, kept through the layers.
+    return unwrapped.rewrap(values, sum_events=False, base_event_dims=1)
 
 
 def coordinate_log_predictive(

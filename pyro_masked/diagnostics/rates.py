@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS, count_enumerated_masks
+from pyro_masked.conditionals.gaussian import enumeration_fits
 from pyro_masked.diagnostics.draws import (
     DEFAULT_NUM_DRAWS,
     EVERY_VECTOR,
@@ -263,10 +263,10 @@ def mask_rate_curve(
     )
 
 
-def _enumerated_masks(event_sizes: dict, rate: float) -> int:
-    """Masks ``num_masks="all"`` would condition on at this rate, for the largest site."""
+def _enumeration_fits(event_sizes: dict, rate: float) -> bool:
+    """Whether ``num_masks="all"`` fits the engine's limits at this rate, for every site."""
     schedule = RateSize(rate)
-    return max(count_enumerated_masks(size, schedule.sizes(size)) for size in event_sizes.values())
+    return all(enumeration_fits(size, schedule.sizes(size)) for size in event_sizes.values())
 
 
 def fixed_rate_bias(
@@ -333,7 +333,7 @@ def fixed_rate_bias(
     for rate in rates:
         rate_options = options
         if num_masks == "auto":
-            fits = _enumerated_masks(probe.event_sizes, rate) <= MAX_ENUMERATED_MASKS
+            fits = _enumeration_fits(probe.event_sizes, rate)
             rate_options = options.replace(num_masks="all" if fits else 1)
         seeds = draw_seeds(num_draws, seed)
         draws = run_draws(call, RateSize(rate), rate_options, seeds)

@@ -5,6 +5,7 @@
 - :mod:`~pyro_masked.local.conditionals`: batched Gaussian conditionals given small contexts.
 - :mod:`~pyro_masked.local.estimator`: unbiased minibatch estimates of the masked score and
   of the evidence.
+- :mod:`~pyro_masked.local.predict`: local kriging at new inputs.
 """
 
 from pyro_masked.local.conditionals import (
@@ -18,6 +19,7 @@ from pyro_masked.local.estimator import (
     estimate_local_log_marginal,
 )
 from pyro_masked.local.neighbors import NeighborIndex
+from pyro_masked.local.predict import local_predict
 from pyro_masked.local.sampler import (
     ContextBatch,
     ContextSampler,
@@ -36,5 +38,6 @@ __all__ = [
     "conditional_given_context",
     "estimate_local_log_marginal",
     "local_log_predictive",
+    "local_predict",
     "smallest_ranks",
 ]

@@ -71,7 +71,8 @@ class NeighborIndex:
     :param X: training inputs, shape ``(N,)`` or ``(N, d)``.
     :param backend: ``"auto"``, ``"sklearn"``, ``"faiss"`` or ``"torch"`` (see the module).
     :param allow_duplicates: accept repeated inputs (zero distances between distinct points).
-    :param block_size: query rows per block for the torch backend and per progress-bar step.
+    :param block_size: query rows per progress-bar step, and at most per block of the torch
+        backend (whose blocks also hold at most about :math:`2^{26}` distances).
     :param show_progress: show a progress bar for long searches (``None``: when the search has
         more than 100 000 query rows).
     """
@@ -150,8 +151,10 @@ class NeighborIndex:
         # ||a - b||^2 up to the query's own norm, which does not change the order.
         train_sq_norm = train.square().sum(-1)
         out = torch.empty(points.shape[0], num_neighbors, dtype=torch.int64)
-        for start in range(0, points.shape[0], self.block_size):
-            block = points[start : start + self.block_size]
+        # A block of query rows holds rows x N distances: at most about 2^26 of them.
+        rows = max(1, min(self.block_size, 2**26 // max(1, self.num_points)))
+        for start in range(0, points.shape[0], rows):
+            block = points[start : start + rows]
             distance = train_sq_norm - 2.0 * block @ train.T
             out[start : start + block.shape[0]] = distance.topk(
                 num_neighbors, dim=-1, largest=False

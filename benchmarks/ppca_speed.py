@@ -1,9 +1,17 @@
 """Speed of the one-factorization masked score on PPCA against its peers, in one run.
 
-N = 1000 vectors of D = 200 under MVN(0, W W^T + s I), float64, loss + gradient, median ratio
-of wall times of runs that alternate with the peer's. Peers:
+Probabilistic PCA with its latent integrated out, x_n ~ MVN(0, W W^T + s I), rank 10, float64,
+loss + gradient (or one SVI step), median ratio of wall times of runs that alternate with the
+peer's. Cases:
 
-- torch's exact ``MultivariateNormal.log_prob`` (the ratio masked / exact);
+- unexpanded: one ``MultivariateNormal`` with batch shape ``()`` scores the N x D data
+  (N = 1000, D = 200 and D = 100), against torch's exact ``MultivariateNormal.log_prob``;
+- plate-expanded, the README's pattern: the covariance built inside ``pyro.plate``, so the
+  distribution is ``expand``-ed over the plate (exactly what ``pyro.plate`` does to it), the
+  masked score of the expanded distribution against the exact ``log_prob`` of the same one
+  (N = 1000, D = 100);
+- SVI steps of the README's model (empty guide, Adam): ``MaskedELBO()`` against
+  ``Trace_ELBO()`` on the same model and data (N = 1000, D = 100);
 - the per-mask-size algorithm of Moreno-Muñoz et al. (2023): for every mask size, one random
   mask and the inverse of the visible block (the speed-up of the masked score over it).
 
@@ -20,9 +28,12 @@ import platform
 import statistics
 import time
 
+import pyro
+import pyro.distributions as dist
 import torch
+from pyro.infer import SVI, Trace_ELBO
 
-from pyro_masked import masked_log_prob
+from pyro_masked import MaskedELBO, masked_log_prob
 
 
 def paired_times(steps: dict, repeats: int) -> dict:
@@ -84,63 +95,113 @@ def seed_per_mask_score(loc, covariance, data):
     return total
 
 
-def ppca_steps(num_points: int, size: int):
+def ppca_steps(num_points: int, size: int, expanded: bool = False):
+    """Loss + gradient steps: exact, masked, and the per-mask-size algorithm.
+
+    ``expanded``: the distribution is expanded over the data as ``pyro.plate`` expands a
+    distribution built inside it (the README's pattern).
+    """
     weights, log_noise, data = ppca_problem(num_points, size)
 
-    def covariance():
-        return weights @ weights.T + log_noise.exp() * torch.eye(size)
+    def distribution():
+        covariance = weights @ weights.T + log_noise.exp() * torch.eye(size)
+        d = dist.MultivariateNormal(torch.zeros(size), covariance)
+        return d.expand([num_points]) if expanded else d
 
     def exact_step():
         weights.grad = log_noise.grad = None
-        d = torch.distributions.MultivariateNormal(torch.zeros(size), covariance())
-        (-d.log_prob(data).sum()).backward()
+        (-distribution().log_prob(data).sum()).backward()
 
     def masked_step():
         weights.grad = log_noise.grad = None
-        d = torch.distributions.MultivariateNormal(torch.zeros(size), covariance())
-        (-masked_log_prob(d, data).sum()).backward()
+        (-masked_log_prob(distribution(), data).sum()).backward()
 
     def seed_step():
         weights.grad = log_noise.grad = None
-        (-seed_per_mask_score(torch.zeros(size), covariance(), data).sum()).backward()
+        covariance = weights @ weights.T + log_noise.exp() * torch.eye(size)
+        (-seed_per_mask_score(torch.zeros(size), covariance, data).sum()).backward()
 
     return {"exact": exact_step, "masked": masked_step, "seed": seed_step}
+
+
+def readme_model(data: torch.Tensor) -> None:
+    """The README's PPCA model: parameters outside the plate, covariance built inside it."""
+    size = data.shape[1]
+    weights = pyro.param("W", 0.1 * torch.randn(size, 10))
+    noise = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("data", data.shape[0]):
+        covariance = weights @ weights.T + noise * torch.eye(size)
+        pyro.sample("x", dist.MultivariateNormal(torch.zeros(size), covariance), obs=data)
+
+
+def svi_steps(num_points: int, size: int):
+    """One SVI step of the README model under ``Trace_ELBO`` and under ``MaskedELBO``."""
+    _, _, data = ppca_problem(num_points, size)
+
+    def empty_guide(data):
+        pass
+
+    def make_step(loss):
+        svi = SVI(readme_model, empty_guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
+        svi.step(data)  # creates the parameters
+        return lambda: svi.step(data)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    # Both steps share the param store; the tiny learning rate keeps the model comparable.
+    return {"trace_elbo": make_step(Trace_ELBO()), "masked_elbo": make_step(MaskedELBO())}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller problems, fewer repeats")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--skip-seed", action="store_true", help="skip the slow per-mask-size algorithm"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)
-    num_points, size = (200, 50) if args.quick else (1000, 200)
+    num_points, large, small = (200, 50, 30) if args.quick else (1000, 200, 100)
     repeats = 3 if args.quick else 7
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,")
     print(f"# torch {torch.__version__}, float64, median ratios of alternating runs\n")
-    steps = ppca_steps(num_points, size)
-    seed_step = steps.pop("seed")
-    times = paired_times(steps, 5 * repeats)
-    seed_times = paired_times({"seed": seed_step, "masked": steps["masked"]}, repeats)
-    case = f"PPCA, N = {num_points}, D = {size}"
     print("| loss + gradient | ratio | target |")
     print("|---|---|---|")
+    medians = []
+    for size, expanded in [(large, False), (small, False), (small, True)]:
+        steps = ppca_steps(num_points, size, expanded)
+        del steps["seed"]
+        times = paired_times(steps, 5 * repeats)
+        pattern = "plate-expanded (README pattern)" if expanded else "unexpanded"
+        case = f"PPCA, N = {num_points}, D = {size}, {pattern}"
+        print(
+            f"| {case}: masked / torch MultivariateNormal.log_prob | "
+            f"{median_ratio(times['masked'], times['exact']):.2f} | <= 1.3 |"
+        )
+        medians.append(
+            (case, statistics.median(times["exact"]), statistics.median(times["masked"]))
+        )
+    svi = svi_steps(num_points, small)
+    times = paired_times(svi, 5 * repeats)
+    case = f"PPCA, N = {num_points}, D = {small}, README model"
     print(
-        f"| {case}: masked / torch MultivariateNormal.log_prob | "
-        f"{median_ratio(times['masked'], times['exact']):.2f} | <= 1.3 |"
+        f"| {case}: SVI step, MaskedELBO / Trace_ELBO | "
+        f"{median_ratio(times['masked_elbo'], times['trace_elbo']):.2f} | <= 1.3 |"
     )
-    print(
-        f"| {case}: per-mask-size algorithm / masked | "
-        f"{median_ratio(seed_times['seed'], seed_times['masked']):.1f} | >= 100 |"
-    )
-    exact, masked = statistics.median(times["exact"]), statistics.median(times["masked"])
-    seed = statistics.median(seed_times["seed"])
-    print(
-        f"\n(medians: exact {exact * 1e3:.1f} ms, masked {masked * 1e3:.1f} ms, "
-        f"per-mask-size {seed * 1e3:.0f} ms)"
-    )
+    medians.append((case + " (SVI)", *map(statistics.median, times.values())))
+    if not args.skip_seed:
+        steps = ppca_steps(num_points, large)
+        seed_times = paired_times({"seed": steps["seed"], "masked": steps["masked"]}, repeats)
+        print(
+            f"| PPCA, N = {num_points}, D = {large}: per-mask-size algorithm / masked | "
+            f"{median_ratio(seed_times['seed'], seed_times['masked']):.1f} | >= 100 |"
+        )
+    print()
+    for case, peer, masked in medians:
+        print(f"(medians, {case}: peer {peer * 1e3:.1f} ms, masked {masked * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pyro_masked.diagnostics import (
 from pyro_masked.gpytorch import MaskedMarginalLogLikelihood
 from pyro_masked.handlers import MaskedMessenger, MaskedScore, masked
 from pyro_masked.infer import MaskedELBO
+from pyro_masked.linalg import NotPositiveDefiniteError
 from pyro_masked.masks import Cumulative, FixedRate, FixedSize, MaskSchedule, SizeWeights
 from pyro_masked.scoring import UnsupportedDistributionError, masked_log_prob
 
@@ -38,6 +39,7 @@ __all__ = [
     "MaskedMarginalLogLikelihood",
     "MaskedMessenger",
     "MaskedScore",
+    "NotPositiveDefiniteError",
     "PointwiseMaskedLogProb",
     "SizeWeights",
     "UnsupportedDistributionError",

@@ -47,7 +47,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import Callable, Mapping, Optional, Union
 
@@ -58,7 +57,7 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 from pyro.distributions import constraints
 from pyro.infer import ELBO, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_median
 from pyro.nn import PyroModule, PyroParam, PyroSample, pyro_method
 from tqdm import tqdm
 
@@ -74,11 +73,9 @@ from pyro_masked.local.neighbors import check_count
 from pyro_masked.local.predict import local_predict
 from pyro_masked.masks import MaskLike
 from pyro_masked.scoring import NumMasks
-from pyro_masked.util import private_generator
+from pyro_masked.util import LOG_2PI, private_generator
 
 __all__ = ["GPRegression", "fit"]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class _GPTargetDistribution(gpytorch.distributions.MultivariateNormal):
@@ -96,7 +93,7 @@ class _GPTargetDistribution(gpytorch.distributions.MultivariateNormal):
         residual = (value - self.loc).unsqueeze(-1)
         whitened = torch.linalg.solve_triangular(factor, residual, upper=False).squeeze(-1)
         half_log_det = torch.diagonal(factor, dim1=-2, dim2=-1).log().sum(-1)
-        return -0.5 * whitened.square().sum(-1) - half_log_det - 0.5 * value.shape[-1] * _LOG_2PI
+        return -0.5 * whitened.square().sum(-1) - half_log_det - 0.5 * value.shape[-1] * LOG_2PI
 
 
 _TARGET_COVARIANCE = "the GP's covariance of the targets y"
@@ -121,11 +118,16 @@ def _check_noise(noise, X: torch.Tensor) -> torch.Tensor:
 
 def _init_to_current_values(site: dict, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """An autoguide ``init_loc_fn``: a hyperparameter's site starts at its value when the model
-    was built. Sites are matched by the key of ``priors`` at the end of their name, since the
-    module's name prefix is known only once it runs."""
+    was built, or at its prior's median if that value is outside the prior's support.
+
+    Sites are matched by the key of ``priors`` at the end of their name, since the module's name
+    prefix is known only once it runs.
+    """
     for key, value in values.items():
         if site["name"] == key or site["name"].endswith("." + key):
-            return value
+            if bool(site["fn"].support.check(value).all()):
+                return value
+            return init_to_median(site)
     raise KeyError(f"no initial value for the site {site['name']!r}")
 
 
@@ -220,7 +222,8 @@ class GPRegression(PyroModule):
         ``"mean_function.constant"``). A scalar prior is expanded to the hyperparameter's shape.
         Hyperparameters with priors become latent sample sites of the same names, handled by
         the guide, which starts at their current values (``noise`` and the kernel's and mean's
-        values when the model is built).
+        values when the model is built; the prior's median where such a value is outside the
+        prior's support).
     :param guide: ``"delta"`` (:class:`~pyro.infer.autoguide.AutoDelta`: MAP) or ``"normal"``
         (:class:`~pyro.infer.autoguide.AutoNormal`: a posterior over the hyperparameters with
         priors). Unused without priors. Its parameters exist from construction on, so

@@ -12,7 +12,9 @@ GPyTorch package (absolute imports).
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -55,11 +57,12 @@ def deterministic_num_masks(num_points: int) -> int:
     finds the optimum of that draw, not of its expectation. The shortfall in the exact log
     likelihood at the optimum shrinks like :math:`1/K` in the number of permutations and,
     per data point, roughly like :math:`1/\\sqrt{N}` in the number of data points. Measured
-    with BoTorch's ``SingleTaskGP`` on Hartmann-6 (``benchmarks/gp_deterministic.py``): one
-    permutation falls short by 0.02 to 0.2 nats per point (the worst at small :math:`N`); the
-    rule keeps the shortfall within 0.02 nats per point from :math:`N = 20` to 240. Each
-    permutation costs one :math:`O(N^3)` Cholesky factorization, so the rule spends at most
-    32 (at least 4) times the exact marginal likelihood's factorization.
+    with BoTorch's ``SingleTaskGP`` on noisy Hartmann-6 data (``benchmarks/gp_deterministic.py``,
+    three data sets and two mask seeds per size): one permutation falls short by 0.03 to 0.14
+    nats per point on average (up to 0.22) for :math:`N` from 20 to 240; the rule's default
+    by at most 0.009. Each permutation costs one :math:`O(N^3)` Cholesky factorization, so
+    the rule spends up to 32 (at least 4) times the factorization of the exact marginal
+    likelihood (fits took 1 to 10 times as long as the exact fit in that benchmark).
 
     :param num_points: :math:`N`, the number of data points (coordinates masked over).
     """
@@ -67,6 +70,24 @@ def deterministic_num_masks(num_points: int) -> int:
         raise ValueError(f"num_points must be a positive int, got {num_points!r}")
     by_size = math.ceil(_PERMUTATIONS_AT_ONE_POINT / math.sqrt(num_points))
     return min(_MAX_DETERMINISTIC_PERMUTATIONS, max(_MIN_DETERMINISTIC_PERMUTATIONS, by_size))
+
+
+# The code of torch.optim.LBFGS.step (under its decorators): a closure it calls runs below a
+# frame of this code.
+_TORCH_LBFGS_STEP = inspect.unwrap(torch.optim.LBFGS.step).__code__
+_CALLER_FRAMES_SEARCHED = 64
+
+
+def _inside_torch_lbfgs() -> bool:
+    """Whether this call runs inside :meth:`torch.optim.LBFGS.step` (a closure it evaluates)."""
+    frame = sys._getframe(1)
+    for _ in range(_CALLER_FRAMES_SEARCHED):
+        if frame is None:
+            return False
+        if frame.f_code is _TORCH_LBFGS_STEP:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class RandomMasksUnderDeterministicOptimizerWarning(UserWarning):
@@ -107,8 +128,10 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
     - ``seed=None`` (random masks): every call draws new permutations from torch's global
       generator (``pyro.set_rng_seed`` makes them reproducible), by default one
       (``num_masks=None`` means 1): an unbiased, noisy objective for a stochastic optimiser
-      such as Adam. A deterministic optimiser must not be given it: under BoTorch's
-      ``fit_gpytorch_mll`` it warns with :class:`RandomMasksUnderDeterministicOptimizerWarning`.
+      such as Adam. A deterministic optimiser must not be given it: called from
+      :class:`torch.optim.LBFGS` or BoTorch's ``fit_gpytorch_mll``, it warns (once) with
+      :class:`RandomMasksUnderDeterministicOptimizerWarning`; other deterministic optimisers
+      (e.g. SciPy's, called directly) are not detected.
     - ``seed`` an int (deterministic mode): every call scores the same permutations, drawn from
       a private :class:`torch.Generator` seeded by ``seed`` (the global generators are neither
       read nor reseeded), so the objective is a fixed, smooth function of the hyperparameters
@@ -243,6 +266,8 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
             )
         if not all_finite(target):
             raise ValueError("target contains NaN or infinite entries")
+        if self.seed is None and _inside_torch_lbfgs():
+            self._warn_random_masks("torch.optim.LBFGS")
         if self._local_cache is not None:
             rng = None if self.seed is None else np.random.default_rng(self.seed)
             score = local_masked_score(
@@ -275,6 +300,19 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
         generator = None if self.seed is None else private_generator(self.seed, target.device)
         return masked_log_prob(marginal, target, self.schedule, num_masks, generator=generator)
 
+    def _warn_random_masks(self, optimizer: str) -> None:
+        """Warn once per instance that a deterministic optimizer gets random masks."""
+        if self.seed is not None or getattr(self, "_warned_random_masks", False):
+            return
+        self._warned_random_masks = True
+        warnings.warn(
+            f"MaskedMarginalLogLikelihood(seed=None) draws new masks at every call, but it is "
+            f"optimised by {optimizer}, which assumes a fixed objective: pass seed=0 (or any "
+            "int) for the deterministic mode",
+            RandomMasksUnderDeterministicOptimizerWarning,
+            stacklevel=3,
+        )
+
     def compute_custom_loss(self, **kwargs: Any) -> torch.Tensor:
         """The negative objective on the model's own training data, as BoTorch evaluates it.
 
@@ -284,15 +322,7 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
         the transformed inputs) and warns once with
         :class:`RandomMasksUnderDeterministicOptimizerWarning` if ``seed`` is ``None``.
         """
-        if self.seed is None and not getattr(self, "_warned_random_masks", False):
-            self._warned_random_masks = True
-            warnings.warn(
-                "MaskedMarginalLogLikelihood(seed=None) draws new masks at every call, but "
-                "fit_gpytorch_mll optimises with L-BFGS, which assumes a fixed objective: pass "
-                "seed=0 (or any int) for the deterministic mode",
-                RandomMasksUnderDeterministicOptimizerWarning,
-                stacklevel=2,
-            )
+        self._warn_random_masks("BoTorch's fit_gpytorch_mll (L-BFGS)")
         model = self.model
         transform = getattr(model, "transform_inputs", None)
         inputs = model.train_inputs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
@@ -24,7 +25,7 @@ from pyro_masked.scoring import (
     is_supported,
     masked_event_size,
 )
-from pyro_masked.util import check_generator, check_mask_groups, check_sites
+from pyro_masked.util import check_generator, check_mask_groups, check_sites, unwrap
 
 __all__ = ["MaskedMessenger", "MaskedScore", "masked"]
 
@@ -120,7 +121,9 @@ class MaskedMessenger(Messenger):
     :param mask: ``"cumulative"``, an int mask size, a float rate or a
         :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site, or ``"all"``.
-    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
+    :param sites: names of the observed sites to mask; ``None`` masks every observed site of
+        a distribution, and leaves ``pyro.factor`` and ``pyro.deterministic`` sites (which
+        observe no data) with their ordinary ``log_prob``.
     :param mask_groups: (keyword only) ``None`` or the number of groups of vectors with
         independent permutations; see :func:`~pyro_masked.masked_log_prob`.
     :param generator: (keyword only) the :class:`torch.Generator` the permutations come from.
@@ -167,6 +170,9 @@ class MaskedMessenger(Messenger):
             return
         self._seen.add(name)
         fn = msg["fn"]
+        if self.sites is None and _is_not_an_observation(msg):
+            # pyro.factor and pyro.deterministic (obs_mask's merged site too): no data to mask.
+            return
         if not is_supported(fn):
             hint = (
                 "leave it unmasked by listing only the sites to mask in sites=[...]"
@@ -194,6 +200,17 @@ class MaskedMessenger(Messenger):
             mask_groups=self.mask_groups,
             generator=self.generator,
         )
+
+
+def _is_not_an_observation(msg) -> bool:
+    """Whether an observed site is a ``pyro.factor`` or ``pyro.deterministic`` (Unit, Delta).
+
+    Such sites add a term to the log density or record a value; they observe no data that a
+    mask could hide, so masking leaves them with their ordinary ``log_prob``.
+    """
+    if msg["infer"].get("_deterministic"):
+        return True
+    return isinstance(unwrap(msg["fn"]).base, (dist.Unit, dist.Delta))
 
 
 def masked(

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Optional
 
+import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyro_masked.handlers import masked
-from pyro_masked.integrate import Integration, check_integrate, check_num_samples
+from pyro_masked.handlers import MaskedScore, masked
+from pyro_masked.integrate import (
+    IntegratedObservation,
+    Integration,
+    check_integrate,
+    check_num_samples,
+)
 from pyro_masked.masks import MaskLike, as_schedule
 from pyro_masked.scoring import NumMasks, check_num_masks
-from pyro_masked.util import check_generator, check_mask_groups, check_sites
+from pyro_masked.util import check_generator, check_mask_groups, check_sites, unwrap
 
-__all__ = ["MaskedELBO"]
+__all__ = ["MaskedELBO", "NothingToMaskWarning"]
+
+
+class NothingToMaskWarning(UserWarning):
+    """No observed site of the model has anything to mask: the loss is the ordinary ELBO."""
 
 
 class MaskedELBO(Trace_ELBO):
@@ -39,6 +50,17 @@ class MaskedELBO(Trace_ELBO):
     non-reparameterised guides — is :class:`~pyro.infer.Trace_ELBO`'s machinery, applied to
     :func:`~pyro_masked.masked` (model). Like every Pyro loss it is a sum (over data points
     and sites), not a mean.
+
+    **What gets masked.** An observed site is masked over its event dimensions. A site whose
+    coordinates are independent given the latents (a univariate observation, or e.g.
+    ``Normal(...).to_event(1)``, ``Bernoulli(...).to_event(1)``) has nothing to mask: each
+    coordinate's conditional is its marginal, so its masked score is its ``log_prob``. When no
+    observed site has anything to mask, the loss equals :class:`~pyro.infer.Trace_ELBO`'s,
+    and the first step says so with a :class:`NothingToMaskWarning` naming the sites; where a
+    local latent couples an observation's coordinates (a VAE, a factor model), name it in
+    ``integrate=(...)`` so that masking scores the observation with the latent integrated out.
+    ``pyro.factor`` and ``pyro.deterministic`` sites observe no data and keep their
+    ``log_prob``.
 
     Example::
 
@@ -129,6 +151,8 @@ class MaskedELBO(Trace_ELBO):
                 f"num_samples={num_samples} is the number of samples of the integrated latents; "
                 "name them with integrate=(...)"
             )
+        # sites=[] asks for no masking: nothing to warn about.
+        self._masking_checked = self.sites == ()
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -140,6 +164,13 @@ class MaskedELBO(Trace_ELBO):
             retain_graph=retain_graph,
             tail_adaptive_beta=tail_adaptive_beta,
         )
+
+    def _get_traces(self, model, guide, args, kwargs):
+        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+            if not self._masking_checked:
+                self._masking_checked = True
+                _warn_if_nothing_masked(model_trace)
+            yield model_trace, guide_trace
 
     def _get_trace(self, model, guide, args, kwargs):
         masked_model = masked(
@@ -158,3 +189,38 @@ class MaskedELBO(Trace_ELBO):
         return super()._get_trace(
             integration.model(masked_model), integration.guide(guide), args, kwargs
         )
+
+
+def _warn_if_nothing_masked(model_trace) -> None:
+    """Warn when no observed site was given a masked score that differs from its log density.
+
+    Univariate observations and observations that factorize over their event (each
+    coordinate's conditional is its marginal) have nothing to mask: their masked score is
+    their ``log_prob``, so the loss is Trace_ELBO's, bit for bit.
+    """
+    observed = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn = site["fn"]
+        if site["infer"].get("masked_integrated") or site["infer"].get("_deterministic"):
+            continue
+        if isinstance(fn, IntegratedObservation):
+            if fn.schedule is not None:
+                return
+            observed.append(name)
+        elif isinstance(fn, MaskedScore):
+            if not unwrap(fn.base_dist).factorizes:
+                return
+            observed.append(name)
+        elif not isinstance(unwrap(fn).base, (dist.Unit, dist.Delta)):
+            observed.append(name)
+    warnings.warn(
+        f"MaskedELBO: no observed site has anything to mask (observed sites: "
+        f"{observed or 'none'}; each is univariate, factorizes over its event given the "
+        "latents, or is left out by sites=), so the loss equals Trace_ELBO's. If a local latent "
+        "variable couples the coordinates of an observation, name it in integrate=(...) to mask "
+        "the observation with the latent integrated out.",
+        NothingToMaskWarning,
+        stacklevel=4,
+    )

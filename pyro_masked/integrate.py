@@ -23,14 +23,14 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributions as tdist
-from pyro.distributions import MaskedDistribution, TorchDistribution
+from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from pyro_masked.conditionals.latent import latent_masked_score
 from pyro_masked.handlers import MaskedScore
 from pyro_masked.scoring import all_finite
-from pyro_masked.util import check_sites
+from pyro_masked.util import Unwrapped, check_sites, unwrap
 
 __all__ = ["Integration", "IntegratedObservation", "check_integrate", "check_num_samples"]
 
@@ -74,28 +74,27 @@ class IntegratedLatent(TorchDistribution):
         return torch.zeros(self.batch_shape, dtype=dtype, device=value.device)
 
 
-def coordinate_distribution(fn: tdist.Distribution, site: str) -> tdist.Distribution:
-    """The univariate distribution under the ``Independent`` wrappers of an observed site.
+def coordinate_distribution(fn: tdist.Distribution, site: str) -> Unwrapped:
+    """An observed site's distribution split into its univariate base and the layers around it.
 
-    Its ``log_prob`` gives one log-likelihood per event coordinate, which is what makes the
-    masked predictive a ratio of sums over samples.
+    ``base.log_prob`` gives one log-likelihood per event coordinate (through
+    :meth:`~pyro_masked.util.Unwrapped.rewrap` with ``sum_events=False``, which applies the
+    expansions), which is what makes the masked predictive a ratio of sums over samples.
     """
-    base = fn
-    while isinstance(base, tdist.Independent):
-        base = base.base_dist
-    if isinstance(base, MaskedDistribution) or isinstance(fn, MaskedDistribution):
+    unwrapped = unwrap(fn)
+    if unwrapped.has_mask:
         raise TypeError(
             f"observed site '{site}' depends on integrated latents and has a masked "
             "distribution (.mask()); use pyro.poutine.mask around the site instead"
         )
-    if len(base.event_shape) != 0:
+    if not unwrapped.factorizes:
         raise TypeError(
             f"observed site '{site}' depends on integrated latents, so its distribution must "
             "factorize over the event given them (an Independent of a univariate distribution, "
             f"e.g. Bernoulli(logits=...).to_event(1)); got {type(fn).__name__} over "
-            f"{type(base).__name__}"
+            f"{type(unwrapped.base).__name__}"
         )
-    return base
+    return unwrapped
 
 
 class IntegratedObservation(TorchDistribution):
@@ -133,7 +132,9 @@ class IntegratedObservation(TorchDistribution):
         return self.base_dist.support
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        loglik = self.coordinates.log_prob(value)  # (K, batch..., event...)
+        coordinates = self.coordinates
+        loglik = coordinates.rewrap(coordinates.base.log_prob(value), sum_events=False)
+        # (K, batch..., event...)
         event_dims = len(self.base_dist.event_shape)
         batch_shape = loglik.shape[: loglik.dim() - event_dims]
         loglik = loglik.reshape(batch_shape + (-1,))
@@ -281,11 +282,12 @@ class Integration:
         value = msg["value"]
         if not all_finite(value):
             raise ValueError(f"observed site '{name}': the observed value has NaN or inf entries")
-        inside = coordinates.support.check(value)
+        likelihood = coordinates.base
+        inside = likelihood.support.check(value)
         if not bool(inside.all()):
             raise ValueError(
                 f"observed site '{name}': observed values lie outside the support "
-                f"({coordinates.support}) of its {type(coordinates).__name__} likelihood"
+                f"({likelihood.support}) of its {type(likelihood).__name__} likelihood"
             )
         self.observed = name
         msg["fn"] = IntegratedObservation(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 
 import torch
 
@@ -37,6 +37,8 @@ __all__ = [
     "MaskSchedule",
     "SizeWeights",
     "as_schedule",
+    "context_weights",
+    "count_masks",
 ]
 
 
@@ -67,9 +69,7 @@ class MaskSchedule:
         its ``m`` hidden coordinates, so entry ``k`` is :math:`c_k = w_{D-k} / (D - k)`,
         for ``k = 0..D-1``.
         """
-        weights = self.size_weights(event_size, dtype, device)
-        sizes = torch.arange(event_size, 0, -1, dtype=dtype, device=device)
-        return weights.flip(0) / sizes
+        return context_weights(self.size_weights(event_size, dtype, device))
 
     def sizes(self, event_size: int) -> list[int]:
         """The mask sizes with non-zero weight."""
@@ -119,10 +119,13 @@ class FixedSize(MaskSchedule):
 
 
 class FixedRate(MaskSchedule):
-    """A fixed masking rate: mask size :math:`\\max(1, \\mathrm{round}(\\text{rate}\\cdot D))`.
+    """A fixed masking rate: mask size :math:`\\max(1, \\lfloor \\text{rate}\\cdot D + 1/2
+    \\rfloor)`, at most :math:`D`.
 
-    BERT's 15% is ``FixedRate(0.15)``. The estimate is :math:`D\\, S(x; m)`, biased for
-    :math:`\\log p(x)`.
+    The product is rounded to the nearest int, halves up (0.5 of 5, 7 and 9 coordinates hides
+    3, 4 and 5), as one rounds by hand; products within :math:`10^{-9}` of a half count as a
+    half, so that a rate written in decimal (``0.15 * 10``) rounds as it reads. BERT's 15% is
+    ``FixedRate(0.15)``. The estimate is :math:`D\\, S(x; m)`, biased for :math:`\\log p(x)`.
 
     :param float rate: the fraction of coordinates hidden, in ``(0, 1)``.
     """
@@ -135,7 +138,9 @@ class FixedRate(MaskSchedule):
         self.rate = float(rate)
 
     def mask_size(self, event_size: int) -> int:
-        return min(event_size, max(1, round(self.rate * event_size)))
+        """The number of hidden coordinates for an event of ``event_size`` coordinates."""
+        rounded = math.floor(self.rate * event_size + 0.5 + _HALF_TOLERANCE)
+        return min(event_size, max(1, rounded))
 
     def size_probs(self, event_size: int) -> torch.Tensor:
         probs = torch.zeros(event_size, dtype=torch.float64)
@@ -172,10 +177,18 @@ class SizeWeights(MaskSchedule):
             )
         if not torch.isfinite(probs).all() or (probs < 0).any():
             raise ValueError("SizeWeights: weights must be finite and non-negative")
-        total = probs.sum()
-        if total <= 0:
+        largest = probs.max()
+        if largest <= 0:
             raise ValueError("SizeWeights: weights must not all be zero")
-        return probs / total
+        # Scaled by the largest weight first, so that a sum of huge weights cannot overflow and
+        # tiny ones cannot underflow to an all-zero schedule.
+        scaled = probs / largest
+        normalised = scaled / scaled.sum()
+        if not torch.isfinite(normalised).all() or not normalised.sum() > 0:
+            raise ValueError(
+                f"SizeWeights: the weights {probs.tolist()} do not normalise to probabilities"
+            )
+        return normalised
 
     def size_probs(self, event_size: int) -> torch.Tensor:
         probs = self._probs(event_size) if callable(self._probs) else self._probs
@@ -187,6 +200,31 @@ class SizeWeights(MaskSchedule):
 
 
 MaskLike = Union[str, int, float, MaskSchedule]
+
+# Products of a decimal rate and a size that are meant to be a half (0.15 * 10 = 1.5000000000000002
+# or 0.35 * 10 = 3.4999999999999996) round up.
+_HALF_TOLERANCE = 1e-9
+
+
+def context_weights(size_weights: torch.Tensor) -> torch.Tensor:
+    """Weight :math:`c_k = w_{D-k} / (D - k)` of a hidden coordinate's log predictive given a
+    context of ``k`` visible coordinates, for ``k = 0..D-1``, from the size weights
+    :math:`w_m` (entry ``m - 1`` for size ``m``, shape ``(..., D)``).
+
+    A mask of size ``m`` leaves ``k = D - m`` coordinates visible and averages its ``m`` hidden
+    coordinates' log predictives, whence the division by ``m``. The engines use this formula.
+    """
+    size = size_weights.shape[-1]
+    sizes = torch.arange(size, 0, -1, dtype=size_weights.dtype, device=size_weights.device)
+    return size_weights.flip(-1) / sizes
+
+
+def count_masks(event_size: int, sizes: Iterable[int]) -> int:
+    """How many masks the given sizes have in all: :math:`\\sum_m \\binom{D}{m}`.
+
+    What ``num_masks="all"`` enumerates (engines leave out the sizes they score in closed form).
+    """
+    return sum(math.comb(event_size, int(size)) for size in sizes)
 
 
 def as_schedule(mask: MaskLike) -> MaskSchedule:

@@ -15,11 +15,7 @@ import torch
 import torch.distributions as tdist
 from pyro.distributions.util import broadcast_shape
 
-from pyro_masked.conditionals.gaussian import (
-    MAX_ENUMERATED_MASKS,
-    count_enumerated_masks,
-    gaussian_masked_score,
-)
+from pyro_masked.conditionals.gaussian import check_enumeration, gaussian_masked_score
 from pyro_masked.masks import MaskLike, MaskSchedule, as_schedule
 from pyro_masked.util import check_generator, check_mask_groups, unwrap
 
@@ -103,13 +99,15 @@ def masked_log_prob(
     :param num_masks: random permutations averaged (an int >= 1, batched), or ``"all"`` for the
         exact expectation over every mask of the chosen sizes. ``"all"`` is closed form for
         sizes ``1`` (leave-one-out) and ``D``; other sizes enumerate their masks, at most
-        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` in all.
+        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` in all, holding at most
+        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATION_BYTES` of covariances.
     :param mask_groups: (keyword only) ``None``: every vector that shares a covariance shares
         the permutations of the call (one factorization per permutation; the right choice for
-        training). An int ``G``: those vectors are split into ``G`` groups, each with its own
-        independent permutations, at :math:`O(G D^3)` factorizations; ``G`` equal to the
-        number of vectors gives independent masks per vector (the right choice for an
-        evidence estimate whose error should shrink with the number of vectors).
+        training). An int ``G``: the vectors of the batch are split into ``G`` groups of
+        near-equal size, each with its own independent permutations, at :math:`O(G D^3 + N
+        D^2)` for ``N`` vectors; ``G`` at least the number of vectors gives independent masks
+        per vector (the right choice for an evidence estimate whose relative error should
+        shrink like :math:`1/\\sqrt{N}`).
     :param generator: (keyword only) the :class:`torch.Generator` the permutations are drawn
         from; ``None`` uses torch's global generator (so ``pyro.set_rng_seed`` applies).
         See :func:`pyro_masked.util.private_generator`.
@@ -157,6 +155,7 @@ def _masked_log_prob(
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Dispatch on the distribution's type; arguments are already validated."""
+    _check_value_shape(d, value)
     unwrapped = unwrap(d)
     if unwrapped.factorizes:
         # Each coordinate's conditional is its marginal: the masked score is the log density.
@@ -168,6 +167,8 @@ def _masked_log_prob(
             f"supported are {SUPPORTED_DISTRIBUTIONS}"
         )
     loc, covariance = gaussian
+    dtype = compute_dtype(value.dtype, loc.dtype, covariance.dtype)
+    value, loc, covariance = value.to(dtype), loc.to(dtype), covariance.to(dtype)
     score = _grouped_gaussian_score(
         loc,
         covariance,
@@ -179,6 +180,43 @@ def _masked_log_prob(
     )
     # Masks, expansions and independent copies of the base event, innermost first.
     return unwrapped.rewrap(score)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype the masked score is computed in: the promotion of ``dtypes``.
+
+    Integer observations are promoted to the distribution's dtype, as in ``log_prob``. Half
+    precision (``float16``, ``bfloat16``) is raised to ``float32``: the score sums ``D^2``
+    terms per vector, whose rounding in half precision biases it by a tenth of a nat per
+    vector and more.
+    """
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
+def _check_value_shape(d: tdist.Distribution, value: torch.Tensor) -> None:
+    """Refuse a value whose shape does not fit the distribution, as ``log_prob`` validation does.
+
+    A ``ValueError``, so that Pyro reports it with the site's name and shapes.
+    """
+    event_shape, batch_shape = d.event_shape, d.batch_shape
+    event_dims = len(event_shape)
+    if value.dim() < event_dims or value.shape[value.dim() - event_dims :] != event_shape:
+        raise ValueError(
+            f"value has shape {tuple(value.shape)}, which does not end with the "
+            f"distribution's event shape {tuple(event_shape)}"
+        )
+    try:
+        broadcast_shape(value.shape[: value.dim() - event_dims], batch_shape)
+    except ValueError:
+        raise ValueError(
+            f"value has batch shape {tuple(value.shape[: value.dim() - event_dims])}, which "
+            f"does not broadcast with the distribution's batch shape {tuple(batch_shape)}"
+        ) from None
 
 
 def is_supported(d: tdist.Distribution) -> bool:
@@ -209,36 +247,74 @@ def gaussian_parts(d):
     if isinstance(d, tdist.LowRankMultivariateNormal):
         factor = d._unbroadcasted_cov_factor
         covariance = factor @ factor.mT + torch.diag_embed(d._unbroadcasted_cov_diag)
-        return d.loc, covariance
+        return _unexpand(d.loc, 1), covariance
     if getattr(d, "islazy", False):  # GPyTorch, covariance a LinearOperator: nothing factored yet
-        return d.loc, d.lazy_covariance_matrix.to_dense()
+        return _unexpand(d.loc, 1), d.lazy_covariance_matrix.to_dense()
     # torch (and non-lazy GPyTorch) keep the covariance they were given; read it from the
     # instance, since GPyTorch's property would rebuild it from the Cholesky factor.
     if "covariance_matrix" in d.__dict__:
-        return d.loc, _unexpand(d.__dict__["covariance_matrix"], 2)
+        return _unexpand(d.loc, 1), _unexpand(d.__dict__["covariance_matrix"], 2)
     scale_tril = d._unbroadcasted_scale_tril
-    return d.loc, scale_tril @ scale_tril.mT
+    return _unexpand(d.loc, 1), scale_tril @ scale_tril.mT
 
 
 def _unexpand(tensor: torch.Tensor, event_dims: int) -> torch.Tensor:
-    """Undo ``expand`` on batch dimensions (stride 0), so shared matrices are factored once."""
+    """Undo ``expand`` on batch dimensions (stride 0), so shared matrices are factored once.
+
+    A plate expands a distribution built outside it, so its covariance is a stride-0 view of
+    one matrix. Slicing that view would be correct, but its backward materialises a zero
+    gradient of the full expanded shape (an :math:`N \\times D \\times D` tensor for a plate of
+    :math:`N` vectors) before the expansion's backward sums it. When the view is a plain
+    broadcast of the tensor it was taken from, that tensor is used instead: same values,
+    and the gradient flows to it directly.
+    """
     index = tuple(
         slice(0, 1) if stride == 0 and size > 1 else slice(None)
         for size, stride in zip(tensor.shape[:-event_dims], tensor.stride()[:-event_dims])
     )
+    if all(part == slice(None) for part in index):
+        return tensor
+    base = tensor._base
+    if base is not None and _is_broadcast_of(tensor, base):
+        return base.reshape((1,) * (tensor.dim() - base.dim()) + tuple(base.shape))
     return tensor[index]
+
+
+def _is_broadcast_of(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` is exactly ``base.expand(view.shape)``, read from shapes and strides."""
+    if base.dim() > view.dim() or view.storage_offset() != base.storage_offset():
+        return False
+    leading = view.dim() - base.dim()
+    if any(stride != 0 for stride in view.stride()[:leading]):
+        return False
+    for base_size, base_stride, size, stride in zip(
+        base.shape, base.stride(), view.shape[leading:], view.stride()[leading:]
+    ):
+        if base_size == size:
+            if size > 1 and stride != base_stride:
+                return False
+        elif base_size != 1 or stride != 0:
+            return False
+    return True
 
 
 class _ResidualScatter:
     """:math:`\\sum_n (x_n - \\mu)(x_n - \\mu)^\\top` for data ``x`` sharing one mean, on demand.
 
-    The data's own scatter :math:`X^\\top X` and sum are cached for as long as the data tensor
-    lives unchanged (the observations of a model are the same tensor at every step), so the
-    masked score's backward pass costs :math:`O(D^2)` instead of :math:`O(N D^2)` in the data.
+    The observations of a model are usually the same tensor at every step, so the data's own
+    scatter :math:`X^\\top X` and sum are kept with the data tensor (an entry dies with it) and
+    the masked score's backward pass costs :math:`O(N D)` instead of :math:`O(N D^2)`. An entry
+    is used only while a private copy of the data it was computed from is equal to the data,
+    element by element: a buffer refilled behind autograd's back (``x.data.copy_``, a NumPy
+    array under ``torch.from_numpy`` rewritten) has no version bump, so neither identity nor
+    version can tell that it changed. The comparison reads :math:`2 N D` numbers, a fraction of
+    the :math:`2 N D^2` operations it saves.
+
+    CPU data only: on an accelerator the comparison would synchronise the device in every
+    backward pass, and the product it saves is cheap there.
     """
 
-    _cache: dict = {}
-    _max_entries = 8
+    _entries: dict = {}  # id(data) -> (copy of data, X^T X, sum of rows); removed with the data
 
     def __init__(self, value: torch.Tensor, loc: torch.Tensor):
         self.value = value
@@ -247,36 +323,29 @@ class _ResidualScatter:
     def __call__(self) -> torch.Tensor:
         data = self.value.detach().reshape(-1, self.value.shape[-1])
         key = id(self.value)
-        entry = self._cache.get(key)
-        if entry is None or entry[0]() is not self.value or entry[1] != self.value._version:
-            if len(self._cache) >= self._max_entries:
-                self._cache.pop(next(iter(self._cache)))
-            entry = (weakref.ref(self.value), self.value._version, data.mT @ data, data.sum(0))
-            self._cache[key] = entry
-        _, _, second_moment, total = entry
+        entry = self._entries.get(key)
+        if entry is None or not _same_values(entry[0], data):
+            if entry is None:
+                weakref.finalize(self.value, self._entries.pop, key, None)
+            entry = (data.clone(), data.mT @ data, data.sum(0))
+            self._entries[key] = entry
+        _, second_moment, total = entry
         loc = self.loc
         cross = torch.outer(total, loc)
         scatter = second_moment - cross - cross.mT + data.shape[0] * torch.outer(loc, loc)
         return scatter[None]
 
 
-def _grouped_gaussian_score(
-    loc, covariance, value, schedule, num_masks, *, mask_groups=None, generator=None
-) -> torch.Tensor:
-    """Group vectors that share a covariance, score them, and restore the batch shape.
+def _same_values(copy: torch.Tensor, data: torch.Tensor) -> bool:
+    return copy.shape == data.shape and copy.dtype == data.dtype and torch.equal(copy, data)
 
-    ``mask_groups`` splits each covariance's vectors into that many contiguous groups with
-    independent permutations; ``generator`` is where the permutations come from.
-    """
+
+def _grouped_gaussian_score(
+    loc, covariance, value, schedule, num_masks, mask_groups=None, generator=None
+) -> torch.Tensor:
+    """Group vectors that share a covariance, score them, and restore the batch shape."""
     size = value.shape[-1]
     size_weights = schedule.size_weights(size, dtype=value.dtype, device=value.device)
-    if num_masks == "all":
-        enumerated = count_enumerated_masks(size, schedule.sizes(size))
-        if enumerated > MAX_ENUMERATED_MASKS:
-            raise ValueError(
-                f"num_masks='all' would condition on {enumerated} masks for an event of size "
-                f"{size}, more than the limit of {MAX_ENUMERATED_MASKS}; use an int num_masks"
-            )
     residuals = value - loc
     batch_shape = torch.Size(broadcast_shape(residuals.shape[:-1], covariance.shape[:-2]))
     residuals = residuals.expand(batch_shape + (size,))
@@ -288,25 +357,24 @@ def _grouped_gaussian_score(
     grouped = residuals.permute(order + [residuals.dim() - 1])
     num_groups = math.prod(cov_shape)
     grouped = grouped.reshape(num_groups, -1, size)
-    covariance = covariance.reshape(num_groups, size, size)
-    if mask_groups is not None and num_masks != "all" and grouped.shape[1] > 1:
-        # Independent permutations per group of vectors: one call per group.
-        chunks = grouped.tensor_split(min(mask_groups, grouped.shape[1]), dim=1)
-        scores = torch.cat(
-            [
-                gaussian_masked_score(
-                    covariance, chunk, size_weights, num_masks, generator=generator
-                )
-                for chunk in chunks
-            ],
-            dim=1,
-        )
-    else:
-        scatter = None
-        if num_groups == 1 and loc.shape[:-1].numel() == 1 and value.shape == batch_shape + (size,):
-            scatter = _ResidualScatter(value, loc)
-        scores = gaussian_masked_score(
-            covariance, grouped, size_weights, num_masks, scatter, generator=generator
-        )
+    if num_masks == "all":
+        check_enumeration(size, schedule.sizes(size), num_groups, size_weights.dtype)
+    scatter = None
+    if (
+        num_groups == 1
+        and loc.shape[:-1].numel() == 1
+        and value.shape == batch_shape + (size,)
+        and value.device.type == "cpu"
+    ):
+        scatter = _ResidualScatter(value, loc)
+    scores = gaussian_masked_score(
+        covariance.reshape(num_groups, size, size),
+        grouped,
+        size_weights,
+        num_masks,
+        scatter,
+        mask_groups=mask_groups,
+        generator=generator,
+    )
     scores = scores.reshape([batch_shape[i] for i in order])
     return scores.permute([order.index(i) for i in range(len(order))])

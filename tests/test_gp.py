@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from conftest import requires_cuda
+from oracles import expected_masked_score
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_masked import MaskedELBO
@@ -70,6 +71,9 @@ def test_cumulative_masked_loss_is_unbiased_for_the_evidence():
     standard_error = losses.std() / math.sqrt(len(losses))
     assert abs(-losses.mean() - dense_evidence(gp)) < 4 * standard_error
     assert losses.std() > 0  # the masks are random
+    # Negative control: leave-one-out (a fixed size) is outside the tolerance.
+    leave_one_out = MaskedELBO(mask=1, num_masks="all").differentiable_loss(gp.model, gp.guide)
+    assert abs(-leave_one_out.detach() - dense_evidence(gp)) > 4 * standard_error
 
 
 def test_prediction_matches_the_dense_posterior_formulas():
@@ -93,20 +97,56 @@ def test_prediction_matches_the_dense_posterior_formulas():
     assert torch.allclose(noisy_cov, cov + gp.noise.detach() * torch.eye(9))
 
 
-def test_masked_fit_reaches_the_exact_fit_evidence():
+def lbfgs(params, lr):
+    return torch.optim.LBFGS(params, lr=lr, max_iter=50, line_search_fn="strong_wolfe")
+
+
+def exact_maximum(X, y):
+    """The maximum of the exact log evidence over the hyperparameters, by L-BFGS."""
+    gp = rbf_gp(X, y, noise=1.0)
+    fit(gp, objective="exact", optimizer=lbfgs, lr=1.0, num_steps=3, progress=False)
+    return gp.log_marginal_likelihood().item()
+
+
+def adam_fit_evidence(X, y, mask):
+    """The exact log evidence at the hyperparameters of a random-mask Adam fit."""
+    gp = rbf_gp(X, y, noise=1.0)
+    fit(gp, mask=mask, num_steps=200, lr=0.1, lr_decay=0.01, progress=False)
+    return gp.log_marginal_likelihood().item()
+
+
+# The exact log evidence at the random-mask fit falls short of its maximum by 0.015 nats, with
+# a spread of 0.007 over seeds 0-7 (N = 40; the sum over data points, not per point). Fixed
+# rates optimise another objective: short by 0.06 (rate 0.8) to 3 nats (leave-one-out).
+FIT_TOLERANCE = 0.04
+
+
+def test_masked_fit_reaches_the_exact_maximum_of_the_evidence():
     X, y = rbf_data(num_points=40)
-    fits = {}
-    for objective in ("masked", "exact"):
-        gp = rbf_gp(X, y, noise=1.0)
-        fit(gp, objective=objective, num_steps=150, lr=0.1, lr_decay=0.05, seed=0, progress=False)
-        fits[objective] = gp
-    start = rbf_gp(X, y, noise=1.0).log_marginal_likelihood().item()
-    masked = fits["masked"].log_marginal_likelihood().item()
-    exact = fits["exact"].log_marginal_likelihood().item()
-    assert exact - start > 10  # the fit had a long way to go
-    assert exact - 1.0 < masked <= exact + 1e-6  # the exact fit is the maximum
-    noise = {key: gp.noise.item() for key, gp in fits.items()}
-    assert noise["masked"] == pytest.approx(noise["exact"], rel=0.3)
+    maximum = exact_maximum(X, y)
+    assert maximum - rbf_gp(X, y, noise=1.0).log_marginal_likelihood().item() > 10  # a long way
+    assert maximum - FIT_TOLERANCE < adam_fit_evidence(X, y, "cumulative") <= maximum + 1e-6
+
+
+@pytest.mark.parametrize("mask", [1, 0.15, 0.8])
+def test_fixed_rate_fits_fail_the_cumulative_tolerance(mask):
+    # Negative control: the tolerance above separates the evidence from other objectives.
+    X, y = rbf_data(num_points=40)
+    assert adam_fit_evidence(X, y, mask) < exact_maximum(X, y) - FIT_TOLERANCE
+
+
+@pytest.mark.parametrize("mask_size", [1, 2, 3, 6])
+def test_fixed_sizes_over_every_mask_match_the_brute_force_oracle(mask_size):
+    generator = torch.Generator().manual_seed(4)
+    X = torch.rand(7, 2, generator=generator)
+    y = torch.randn(7, generator=generator)
+    mean = gpytorch.means.LinearMean(2)
+    gp = GPRegression(X, y, gpytorch.kernels.MaternKernel(nu=1.5), 0.1, mean)
+    masked = MaskedELBO(mask=mask_size, num_masks="all").differentiable_loss(gp.model, gp.guide)
+    with torch.no_grad():
+        covariance = gp.kernel(X).to_dense() + (0.1 + gp.jitter) * torch.eye(7)
+        expected = expected_masked_score(covariance, y - mean(X), mask_size)
+    assert torch.allclose(-masked, expected, rtol=1e-9)
 
 
 def test_fit_is_reproducible_and_reports_losses_while_it_runs():
@@ -242,15 +282,25 @@ def test_a_step_that_makes_a_parameter_non_finite_is_undone():
         assert torch.equal(p.detach(), before[name]), name
 
 
-def test_float32_masked_loss_tracks_the_exact_evidence():
-    X, y = rbf_data(num_points=20, dtype=torch.float32)
+def test_float32_masked_loss_tracks_the_float64_oracle():
+    X, y = rbf_data(num_points=10)
+    with torch.no_grad():
+        expected = expected_masked_score(
+            rbf_gp(X, y).kernel(X.unsqueeze(-1)).to_dense() + (0.3 + 1e-6) * torch.eye(10), y, 3
+        )
     torch.set_default_dtype(torch.float32)  # the kernel's parameters (reset by conftest)
-    gp = rbf_gp(X, y)
+    gp = rbf_gp(X.float(), y.float())
     assert gp.noise.dtype == torch.float32
-    loss = MaskedELBO(num_masks=50).differentiable_loss(gp.model, gp.guide)
+    loss = MaskedELBO(mask=3, num_masks="all").differentiable_loss(gp.model, gp.guide)
     assert loss.dtype == torch.float32
-    exact = gp.log_marginal_likelihood()
-    assert abs(-loss.item() - exact.item()) < 0.1 * abs(exact.item()) + 1.0
+    assert -loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Random masks in float32 are unbiased for the exact evidence, to a few standard errors.
+    exact = gp.log_marginal_likelihood().double()
+    elbo = MaskedELBO()
+    with torch.no_grad():
+        draws = -torch.stack([elbo.differentiable_loss(gp.model, gp.guide) for _ in range(300)])
+    draws = draws.double()
+    assert abs(draws.mean() - exact) < 4 * draws.std() / math.sqrt(len(draws))
 
 
 @requires_cuda
@@ -301,10 +351,6 @@ def test_noise_that_is_not_a_positive_scalar_gets_a_clear_error():
         GPRegression(
             X, y, kernel, 1.0, lambda x: x[:, 0], priors={"mean_function.c": dist.Normal(0, 1)}
         )
-
-
-def lbfgs(params, lr):
-    return torch.optim.LBFGS(params, lr=lr, max_iter=50, line_search_fn="strong_wolfe")
 
 
 def test_lbfgs_on_the_seeded_objective_reaches_the_exact_optimum():
@@ -383,3 +429,10 @@ def test_the_guide_starts_at_the_hyperparameters_the_model_was_built_with():
     median = gp.autoguide.median()
     assert median["noise"].item() == pytest.approx(0.3)
     assert median["kernel.base_kernel.lengthscale"].item() == pytest.approx(0.7)
+
+
+def test_a_starting_value_outside_the_prior_starts_the_guide_at_the_prior_median():
+    X, y = rbf_data(num_points=10)
+    gp = rbf_gp(X, y, noise=1.0, priors={"noise": dist.Uniform(0.01, 0.5)})
+    noise = gp.autoguide.median()["noise"]
+    assert 0.01 < noise.item() < 0.5 and torch.isfinite(gp.log_marginal_likelihood())

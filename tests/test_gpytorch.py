@@ -5,6 +5,7 @@ import gpytorch
 import pytest
 import torch
 from conftest import requires_cuda
+from oracles import expected_masked_score
 
 from pyro_masked import masked_log_prob
 from pyro_masked.gpytorch import MaskedMarginalLogLikelihood
@@ -86,6 +87,63 @@ def test_random_cumulative_masks_are_unbiased():
     standard_error = values.std() / math.sqrt(len(values))
     assert values.std() > 0
     assert abs(values.mean() - exact) < 4 * standard_error
+    # Negative control: leave-one-out (a fixed size) is outside the tolerance.
+    with torch.no_grad():
+        leave_one_out = MaskedMarginalLogLikelihood(likelihood, model, mask=1, num_masks="all")
+        assert abs(leave_one_out(model(x), y) - exact) > 4 * standard_error
+
+
+def dense_marginal(likelihood, model, x):
+    """The oracle's inputs: the targets' covariance and mean as dense tensors."""
+    with torch.no_grad():
+        marginal = likelihood(model(x))
+        return marginal.covariance_matrix, marginal.mean
+
+
+@pytest.mark.parametrize("mask_size", [2, 3, 7])
+def test_fixed_sizes_over_every_mask_match_the_brute_force_oracle(mask_size):
+    x, y, likelihood, model = gaussian_setup(8)
+    with torch.no_grad():
+        model.mean_module.constant.fill_(0.3)
+    mll = MaskedMarginalLogLikelihood(likelihood, model, mask=mask_size, num_masks="all")
+    covariance, mean = dense_marginal(likelihood, model, x)
+    expected = expected_masked_score(covariance, y - mean, mask_size) / 8
+    assert torch.allclose(mll(model(x), y), expected, rtol=1e-9)
+
+
+def test_fixed_size_random_masks_are_unbiased_for_the_oracle():
+    x, y, likelihood, model = gaussian_setup(9)
+    covariance, mean = dense_marginal(likelihood, model, x)
+    expected = expected_masked_score(covariance, y - mean, 3) / 9
+    mll = MaskedMarginalLogLikelihood(likelihood, model, mask=3)
+    with torch.no_grad():
+        values = torch.stack([mll(model(x), y) for _ in range(300)])
+    standard_error = values.std() / math.sqrt(len(values))
+    assert values.std() > 0
+    assert abs(values.mean() - expected) < 4 * standard_error
+    # Negative control: the neighbouring sizes are outside the tolerance.
+    for other in (2, 4):
+        assert abs(expected_masked_score(covariance, y - mean, other) / 9 - expected) > (
+            4 * standard_error
+        )
+
+
+@pytest.mark.parametrize(
+    "batch_shape,priors,fixed_noise",
+    [(torch.Size(), False, False), (torch.Size([3]), True, False), (torch.Size(), False, True)],
+)
+def test_leave_one_out_is_gpytorchs_leave_one_out_pseudo_likelihood(
+    batch_shape, priors, fixed_noise
+):
+    # An independent peer: GPyTorch's bordered-system formula, with its own normalisation
+    # (the sum of log predictive densities and priors over N).
+    x, y, likelihood, model = gaussian_setup(10, batch_shape, priors, fixed_noise)
+    peer = gpytorch.mlls.LeaveOneOutPseudoLikelihood(likelihood, model)(model(x), y)
+    masked = MaskedMarginalLogLikelihood(likelihood, model, mask=1, num_masks="all")(model(x), y)
+    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+    assert masked.shape == batch_shape
+    assert torch.allclose(masked, peer, rtol=1e-9)
+    assert not torch.allclose(masked, exact, rtol=1e-3)  # leave-one-out is not the evidence
 
 
 def test_seeded_masks_are_fixed_and_leave_the_global_generator_alone():
@@ -139,16 +197,24 @@ def test_lbfgs_on_the_seeded_objective_reaches_the_exact_optimum():
     assert masked_noise == pytest.approx(exact_noise, rel=0.2)
 
 
-def test_float32():
-    torch.set_default_dtype(torch.float32)  # reset by conftest
-    x, y = make_data(20, dtype=torch.float32)
+def test_float32_matches_the_float64_oracle_and_is_unbiased():
+    x, y = make_data(12)
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     model = ExactGPModel(x, y, likelihood)
     model.train()
-    value = MaskedMarginalLogLikelihood(likelihood, model, num_masks=200)(model(x), y)
-    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+    covariance, mean = dense_marginal(likelihood, model, x)
+    oracle = expected_masked_score(covariance, y - mean, 2) / 12
+    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y).detach()
+    torch.set_default_dtype(torch.float32)  # reset by conftest
+    x, y, likelihood, model = x.float(), y.float(), likelihood.float(), model.float()
+    fixed_size = MaskedMarginalLogLikelihood(likelihood, model, mask=2, num_masks="all")
+    value = fixed_size(model(x), y)
     assert value.dtype == torch.float32
-    assert abs(value.item() - exact.item()) < 0.05
+    assert value.item() == pytest.approx(oracle.item(), rel=1e-5)
+    mll = MaskedMarginalLogLikelihood(likelihood, model)
+    with torch.no_grad():
+        values = torch.stack([mll(model(x), y) for _ in range(300)]).double()
+    assert abs(values.mean() - exact) < 4 * values.std() / math.sqrt(len(values))
 
 
 def test_unsupported_likelihoods_and_models_get_clear_errors():
@@ -189,11 +255,14 @@ def test_cuda_with_seed():
     x, y, likelihood, model = gaussian_setup(30)
     x, y, likelihood, model = x.cuda(), y.cuda(), likelihood.cuda(), model.cuda()
     mll = MaskedMarginalLogLikelihood(likelihood, model, num_masks=4, seed=0)
+    state = torch.cuda.get_rng_state()
     first, second = mll(model(x), y), mll(model(x), y)
+    assert torch.equal(torch.cuda.get_rng_state(), state)  # the device's generator untouched
     assert first.device.type == "cuda" and torch.equal(first, second)
     (-first).backward()
-    exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
-    assert abs(first.item() - exact.item()) < 0.5
+    loo = MaskedMarginalLogLikelihood(likelihood, model, mask=1, num_masks="all")(model(x), y)
+    peer = gpytorch.mlls.LeaveOneOutPseudoLikelihood(likelihood, model)(model(x), y)
+    assert torch.allclose(loo, peer, rtol=1e-9)
 
 
 # -- BoTorch ---------------------------------------------------------------------------------
@@ -279,3 +348,62 @@ def test_random_masks_under_botorch_warn_once():
         fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 3}})
     ours = [w for w in record if w.category is RandomMasksUnderDeterministicOptimizerWarning]
     assert len(ours) == 1
+
+
+def test_deterministic_mode_averages_the_documented_number_of_permutations():
+    from pyro_masked.gpytorch import deterministic_num_masks
+
+    rule = {1: 32, 20: 29, 60: 17, 120: 12, 240: 9, 1000: 5, 1024: 4, 10**6: 4}
+    assert {n: deterministic_num_masks(n) for n in rule} == rule
+    with pytest.raises(ValueError, match="num_points"):
+        deterministic_num_masks(0)
+    x, y, likelihood, model = gaussian_setup(20)
+    assert MaskedMarginalLogLikelihood(likelihood, model, seed=0).resolved_num_masks(20) == 29
+    assert MaskedMarginalLogLikelihood(likelihood, model).resolved_num_masks(20) == 1
+    explicit = MaskedMarginalLogLikelihood(likelihood, model, num_masks=3, seed=0)
+    assert explicit.resolved_num_masks(20) == 3
+    # The default really averages 29 permutations: it equals the explicit call.
+    default = MaskedMarginalLogLikelihood(likelihood, model, seed=0)(model(x), y)
+    same = MaskedMarginalLogLikelihood(likelihood, model, num_masks=29, seed=0)(model(x), y)
+    fewer = MaskedMarginalLogLikelihood(likelihood, model, num_masks=28, seed=0)(model(x), y)
+    assert torch.equal(default, same) and not torch.equal(default, fewer)
+
+
+def test_random_masks_under_torch_lbfgs_warn_once_and_seeded_ones_do_not():
+    from pyro_masked.gpytorch import RandomMasksUnderDeterministicOptimizerWarning
+
+    def run_lbfgs(**mll_kwargs):
+        x, y, likelihood, model = gaussian_setup(8)
+        mll = MaskedMarginalLogLikelihood(likelihood, model, **mll_kwargs)
+        lbfgs = torch.optim.LBFGS(model.parameters(), max_iter=3)
+
+        def closure():
+            lbfgs.zero_grad()
+            loss = -mll(model(x), y)
+            loss.backward()
+            return loss.detach()
+
+        for _ in range(2):
+            lbfgs.step(closure)
+        with torch.no_grad():
+            mll(model(x), y)  # outside L-BFGS: no warning
+
+    with pytest.warns(RandomMasksUnderDeterministicOptimizerWarning, match="LBFGS") as record:
+        run_lbfgs()
+    assert sum(w.category is RandomMasksUnderDeterministicOptimizerWarning for w in record) == 1
+    run_lbfgs(seed=0)  # warnings are errors in the tests
+
+
+def test_gradients_over_every_mask_are_the_exact_marginal_log_likelihoods():
+    x, y, likelihood, model = gaussian_setup(6, torch.Size([2]), priors=True)
+
+    def gradients(mll):
+        model.zero_grad()
+        (-mll(model(x), y).sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    exact = gradients(gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model))
+    masked = gradients(MaskedMarginalLogLikelihood(likelihood, model, num_masks="all"))
+    assert exact.keys() == masked.keys()
+    for name in exact:
+        assert torch.allclose(masked[name], exact[name], rtol=1e-8, atol=1e-12), name

@@ -152,3 +152,25 @@ def test_failed_step_leaves_parameters_unchanged():
 def test_string_sites_is_a_type_error():
     with pytest.raises(TypeError, match="list of site names"):
         masked(gaussian_model, sites="x")
+
+
+class _TwoArgumentError(ValueError):
+    """An exception whose constructor does not take a single message."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+def test_error_with_another_constructor_keeps_its_type_and_names_the_site(monkeypatch):
+    import pyro_masked.handlers as handlers
+
+    def failing(*args, **kwargs):
+        raise _TwoArgumentError(7, "not positive definite")
+
+    monkeypatch.setattr(handlers, "_masked_log_prob", failing)
+    trace = poutine.trace(masked(gaussian_model)).get_trace(torch.randn(3, 4))
+    with pytest.raises(_TwoArgumentError) as info:
+        trace.nodes["x"]["fn"].log_prob(torch.randn(3, 4))
+    assert info.value.code == 7
+    assert any("masked site 'x'" in note for note in info.value.__notes__)

@@ -266,6 +266,162 @@ def test_covariance_not_positive_definite_names_the_site():
     MaskedELBO().loss(model, lambda: None)
     with (
         pytest.warns(Warning, match="jitter"),
-        pytest.raises(ValueError, match="site 'x'.*positive"),
+        pytest.raises(ValueError, match="(?s)site 'x'.*positive"),
     ):
         MaskedELBO().loss(broken, lambda: None)
+
+
+def _float32_model(data):
+    loc = pyro.param("loc", torch.zeros(4, dtype=torch.float32))
+    covariance = random_spd(4, generator=torch.Generator().manual_seed(2)).float()
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.MultivariateNormal(loc, covariance), obs=data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [torch.randn(5, 4, dtype=torch.float64), torch.randint(-3, 3, (5, 4))],
+    ids=["float64", "int64"],
+)
+def test_data_of_another_dtype_is_accepted_as_in_trace_elbo(data):
+    expected = Trace_ELBO().loss(_float32_model, empty_guide, data)
+    loss = MaskedELBO(num_masks="all").loss(_float32_model, empty_guide, data)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_shape_error_names_the_site():
+    with pytest.raises(ValueError, match=r"site 'x'[\s\S]*event shape"):
+        MaskedELBO().loss(_float32_model, empty_guide, torch.randn(5, 3))
+
+
+def test_positional_arguments_mean_what_they_mean_in_trace_elbo():
+    elbo = MaskedELBO(4, 2)
+    assert (elbo.num_particles, elbo.max_plate_nesting) == (4, 2)
+    assert repr(elbo.mask) == "Cumulative()"
+    reference = Trace_ELBO(4, 2)
+    assert (reference.num_particles, reference.max_plate_nesting) == (4, 2)
+    with pytest.raises(TypeError):
+        MaskedELBO(4, 2, None, False, True, False, None, None, -1.0, "cumulative")
+
+
+def _model_with_factor_deterministic_and_obs_mask(data, observed):
+    loc = pyro.param("loc", torch.zeros(3))
+    covariance = random_spd(3, generator=torch.Generator().manual_seed(5))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("x", dist.MultivariateNormal(loc, covariance), obs=data, obs_mask=observed)
+        pyro.deterministic("doubled", 2 * data, event_dim=1)
+        pyro.factor("penalty", -0.1 * (data - loc).square().sum(-1))
+
+
+def test_default_sites_leave_factor_and_deterministic_sites_with_their_log_prob():
+    data = torch.randn(6, 3)
+    observed = torch.tensor([True, True, False, True, True, True])
+    guide = AutoNormal(
+        poutine.block(_model_with_factor_deterministic_and_obs_mask, hide=["doubled"])
+    )
+    args = (data, observed)
+    trace = poutine.trace(guide).get_trace(*args)
+    conditioned = poutine.replay(guide, trace)
+    pyro.set_rng_seed(0)
+    exact = Trace_ELBO().loss(_model_with_factor_deterministic_and_obs_mask, conditioned, *args)
+    pyro.set_rng_seed(0)
+    elbo = MaskedELBO(num_masks="all")
+    masked = elbo.loss(_model_with_factor_deterministic_and_obs_mask, conditioned, *args)
+    assert masked == pytest.approx(exact, abs=1e-8)
+    loo = MaskedELBO(mask=1, num_masks="all").loss(
+        _model_with_factor_deterministic_and_obs_mask, conditioned, *args
+    )
+    assert loo != pytest.approx(exact, abs=1e-2)  # the Gaussian site is masked
+    with pytest.raises(TypeError, match="'penalty'.*Unit"):
+        MaskedELBO(sites=["penalty"]).loss(
+            _model_with_factor_deterministic_and_obs_mask, conditioned, *args
+        )
+
+
+def _contrib_gp_models():
+    import pyro.contrib.gp as gp
+
+    inputs = torch.linspace(0, 1, 8)[:, None]
+    targets = torch.sin(6 * inputs[:, 0]) + 0.1 * torch.randn(8, generator=torch.Generator())
+    inducing = inputs[::2].clone()
+
+    def kernel():
+        return gp.kernels.RBF(input_dim=1)
+
+    return {
+        "GPRegression": lambda: gp.models.GPRegression(inputs, targets, kernel()),
+        **{
+            f"SparseGPRegression-{approx}": (
+                lambda approx=approx: gp.models.SparseGPRegression(
+                    inputs, targets, kernel(), Xu=inducing, approx=approx
+                )
+            )
+            for approx in ("DTC", "FITC", "VFE")
+        },
+        "VariationalGP": lambda: gp.models.VariationalGP(
+            inputs, targets, kernel(), likelihood=gp.likelihoods.Gaussian()
+        ),
+        "VariationalSparseGP": lambda: gp.models.VariationalSparseGP(
+            inputs, targets, kernel(), Xu=inducing, likelihood=gp.likelihoods.Gaussian()
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_contrib_gp_models()))
+def test_every_pyro_contrib_gp_model_trains_with_the_default_masked_elbo(name):
+    import warnings
+
+    from oracles import expected_masked_score
+
+    from pyro_masked.infer import NothingToMaskWarning
+    from pyro_masked.scoring import gaussian_parts
+
+    model = _contrib_gp_models()[name]()
+    exact = Trace_ELBO().loss(model.model, model.guide)
+    trace = poutine.trace(model.model).get_trace()
+    observed = trace.nodes["y"]["fn"] if "y" in trace.nodes else None
+    if observed is not None:  # a Gaussian over the N function values: leave-p-out CV
+        loc, covariance = gaussian_parts(observed)
+        residual = model.y - loc
+        oracle = expected_masked_score(covariance.detach(), residual.detach(), 1)
+        log_prob = observed.log_prob(model.y).detach()
+        loo = MaskedELBO(mask=1, num_masks="all").loss(model.model, model.guide)
+        assert loo == pytest.approx(exact + float(log_prob - oracle), abs=1e-8)
+        warning = None
+    else:  # factorized likelihood given f: the masked loss is Trace_ELBO's, and it says so
+        pyro.set_rng_seed(1)
+        exact = Trace_ELBO().loss(model.model, model.guide)
+        pyro.set_rng_seed(1)
+        with pytest.warns(NothingToMaskWarning, match="likelihood.y.*integrate="):
+            assert MaskedELBO().loss(model.model, model.guide) == exact
+        warning = NothingToMaskWarning
+    elbo = MaskedELBO()
+    svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    with warnings.catch_warnings():
+        if warning is not None:
+            warnings.simplefilter("ignore", warning)
+        losses = [svi.step() for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    lengthscale = model.kernel.lengthscale
+    assert torch.isfinite(lengthscale).all()
+
+
+def test_nothing_to_mask_warns_once_and_only_then():
+    import warnings
+
+    from pyro_masked.infer import NothingToMaskWarning
+
+    def factorized(data):
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=data)
+            pyro.sample("count", dist.Poisson(3.0), obs=torch.ones(data.shape[0]))
+
+    data = torch.randn(4, 3)
+    elbo = MaskedELBO()
+    with pytest.warns(NothingToMaskWarning, match=r"\['x', 'count'\].*integrate="):
+        elbo.loss(factorized, empty_guide, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        elbo.loss(factorized, empty_guide, data)  # once per loss object
+        MaskedELBO().loss(ppca_model, empty_guide, torch.randn(10, 8))  # something masked

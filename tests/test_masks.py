@@ -66,3 +66,31 @@ def test_size_weights_validation():
         SizeWeights(torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="not all be zero"):
         SizeWeights(torch.zeros(3))
+
+
+@pytest.mark.parametrize("scale", [1e308, 1e-320])
+def test_size_weights_of_extreme_magnitude_normalise(scale):
+    # Their sum overflows (or each underflows on its own), which made every weight zero.
+    weights = SizeWeights([scale, scale, 0.0]).size_weights(3)
+    assert torch.allclose(weights, torch.tensor([1.5, 1.5, 0.0], dtype=weights.dtype))
+
+
+@pytest.mark.parametrize("event_size, expected", [(5, 3), (7, 4), (9, 5), (3, 2), (1, 1)])
+def test_fixed_rate_rounds_halves_up(event_size, expected):
+    # Round half to even gave 2, 4 and 4 for 5, 7 and 9 coordinates.
+    assert FixedRate(0.5).mask_size(event_size) == expected
+
+
+def test_fixed_rate_rounds_decimal_halves_as_written():
+    assert FixedRate(0.35).mask_size(10) == 4  # 0.35 * 10 is 3.4999999999999996 in binary
+    assert FixedRate(0.15).mask_size(10) == 2
+    assert FixedRate(0.25).mask_size(10) == 3
+    assert FixedRate(0.24).mask_size(10) == 2
+
+
+def test_context_weights_function_is_the_schedules_formula():
+    from pyro_masked.masks import context_weights, count_masks
+
+    schedule = SizeWeights(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(context_weights(schedule.size_weights(4)), schedule.context_weights(4))
+    assert count_masks(5, [1, 2, 5]) == 5 + 10 + 1

@@ -52,11 +52,15 @@ import math
 from typing import Optional
 
 import torch
-from linear_operator.utils.cholesky import psd_safe_cholesky
-from linear_operator.utils.errors import NanError, NotPSDError
+
+from pyro_masked.linalg import cholesky
+from pyro_masked.util import LOG_2PI
 
 __all__ = [
     "MAX_ENUMERATED_MASKS",
+    "MAX_ENUMERATION_BYTES",
+    "check_enumeration",
+    "enumeration_fits",
     "gaussian_masked_score",
     "leave_one_out_log_densities",
     "leave_one_out_score",
@@ -66,23 +70,30 @@ __all__ = [
 #: ``num_masks="all"`` enumerates at most this many masks (summed over the schedule's sizes).
 MAX_ENUMERATED_MASKS = 20_000
 
+#: ``num_masks="all"`` holds one permuted covariance per enumerated mask of a size (and per
+#: covariance of the batch); their bytes may not exceed this (the factorization and its
+#: temporaries take a few times as much again).
+MAX_ENUMERATION_BYTES = 2**28
+
+_COVARIANCE = "the covariance matrix"
+
 # Rows of L handled together by the residual form: large enough to amortise Python overhead,
 # small enough that the (rows x D) temporaries stay in cache.
 _ROW_BLOCK = 128
 
-# With at least this many vectors per covariance (relative to D), the quadratic form's extra
-# O(D^3) matrix products cost less than the residual form's O(n D^2) elementwise passes.
-_QUADRATIC_FORM_MIN_VECTORS = 4
-
-_LOG_2PI = math.log(2 * math.pi)
+# The quadratic form is used once the vectors per covariance number at least D divided by this
+# ratio: its extra O(D^3) matrix products then cost less than the residual form's O(n D^2)
+# elementwise passes.
+_QUADRATIC_FORM_SIZE_PER_VECTOR = 4
 
 
 class _PermuteSymmetric(torch.autograd.Function):
-    """``out[b, s] = K[b][perm[s]][:, perm[s]]`` with a gather-only backward.
+    """``out[b, s] = K[b][perm[b, s]][:, perm[b, s]]`` with a gather-only backward.
 
-    Advanced indexing's backward accumulates with a scatter, which costs several times the
-    Cholesky factorization at GP sizes; the gradient of a permutation is the inverse
-    permutation applied to the incoming gradient.
+    ``perms`` has shape ``(1, S, D)`` (shared by every matrix) or ``(B, S, D)``. Advanced
+    indexing's backward accumulates with a scatter, which costs several times the Cholesky
+    factorization at GP sizes; the gradient of a permutation is the inverse permutation applied
+    to the incoming gradient.
     """
 
     @staticmethod
@@ -93,41 +104,40 @@ class _PermuteSymmetric(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (perms,) = ctx.saved_tensors
-        inverse = torch.argsort(perms, dim=-1)
-        batch, num_perms, size = grad_out.shape[0], grad_out.shape[1], grad_out.shape[-1]
         # grad_K = sum_s grad_out[s][inv_s][:, inv_s]
-        rows = torch.gather(
-            grad_out, 2, inverse[None, :, :, None].expand(batch, num_perms, size, size)
-        )
-        both = torch.gather(rows, 3, inverse[None, :, None, :].expand(batch, num_perms, size, size))
-        return both.sum(1), None
+        return _gather_symmetric(grad_out, torch.argsort(perms, dim=-1)).sum(1), None
 
 
 def _gather_symmetric(matrix: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """``out[b, s] = matrix[b, (s)][perm[b, s]][:, perm[b, s]]``; ``matrix`` is ``(B, D, D)`` or
+    ``(B, S, D, D)``; ``perms`` is ``(S, D)``, ``(1, S, D)`` or ``(B, S, D)``."""
+    if perms.dim() == 2:
+        perms = perms[None]
     batch, size = matrix.shape[0], matrix.shape[-1]
-    num_perms = perms.shape[0]
-    rows = matrix.index_select(-2, perms.reshape(-1)).view(batch, num_perms, size, size)
-    return torch.gather(rows, 3, perms[None, :, None, :].expand(batch, num_perms, size, size))
+    num_perms = perms.shape[1]
+    full = (batch, num_perms, size, size)
+    if matrix.dim() == 3 and perms.shape[0] == 1:
+        rows = matrix.index_select(-2, perms.reshape(-1)).view(full)
+    else:
+        if matrix.dim() == 3:
+            matrix = matrix[:, None].expand(full)
+        rows = torch.gather(matrix, 2, perms[:, :, :, None].expand(full))
+    return torch.gather(rows, 3, perms[:, :, None, :].expand(full))
 
 
 class _UnpermuteSymmetric(torch.autograd.Function):
-    """``out[b] = mean_s B[b, s][inv[s]][:, inv[s]]``, the inverse of :class:`_PermuteSymmetric`."""
+    """``out[b] = mean_s B[b, s][inv[b, s]][:, inv[b, s]]``, the inverse of
+    :class:`_PermuteSymmetric`."""
 
     @staticmethod
     def forward(ctx, matrices: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(perms)
-        inverse = torch.argsort(perms, dim=-1)
-        batch, num_perms, size = matrices.shape[0], matrices.shape[1], matrices.shape[-1]
-        rows = torch.gather(
-            matrices, 2, inverse[None, :, :, None].expand(batch, num_perms, size, size)
-        )
-        both = torch.gather(rows, 3, inverse[None, :, None, :].expand(batch, num_perms, size, size))
-        return both.mean(1)
+        return _gather_symmetric(matrices, torch.argsort(perms, dim=-1)).mean(1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (perms,) = ctx.saved_tensors
-        num_perms = perms.shape[0]
+        num_perms = perms.shape[-2]
         return _gather_symmetric(grad_out, perms) / num_perms, None
 
 
@@ -155,10 +165,10 @@ class _ResidualFormScore(torch.autograd.Function):
         ctx.save_for_backward(factor, whitened, weights)
         batch, num_vectors, size = whitened.shape
         out = factor.new_zeros(batch, num_vectors)
-        for _, stop, lower, _, _, variance, residual in _row_blocks(factor, whitened):
+        for _, stop, lower, _, _, variance, residual in lower_triangle_row_blocks(factor, whitened):
             block_weights = weights[:stop] * lower
             safe_variance = torch.where(lower, variance, 1.0)
-            log_terms = (block_weights * (safe_variance.log() + _LOG_2PI)).sum((-1, -2))
+            log_terms = (block_weights * (safe_variance.log() + LOG_2PI)).sum((-1, -2))
             quad_terms = (block_weights * residual.square() / safe_variance[:, None]).sum((-1, -2))
             out += -0.5 * (log_terms[:, None] + quad_terms)
         return out
@@ -169,9 +179,15 @@ class _ResidualFormScore(torch.autograd.Function):
         grad_factor = torch.zeros_like(factor)
         grad_whitened = torch.zeros_like(whitened)
         grad_total = grad_out.sum(-1)  # (B,)
-        for start, stop, lower, factor_block, whitened_block, variance, residual in _row_blocks(
-            factor, whitened
-        ):
+        for (
+            start,
+            stop,
+            lower,
+            factor_block,
+            whitened_block,
+            variance,
+            residual,
+        ) in lower_triangle_row_blocks(factor, whitened):
             block_weights = weights[:stop] * lower
             safe_variance = torch.where(lower, variance, 1.0)
             inv_variance = safe_variance.reciprocal()
@@ -193,8 +209,17 @@ class _ResidualFormScore(torch.autograd.Function):
         return grad_factor, grad_whitened, None
 
 
-def _row_blocks(factor: torch.Tensor, whitened: torch.Tensor):
-    """Yield, per block of rows, the row range, its lower-triangle mask, and ``v``, ``r``."""
+def lower_triangle_row_blocks(factor: torch.Tensor, whitened: torch.Tensor):
+    """Blocks of :data:`_ROW_BLOCK` rows of a lower-triangular factor, with their sums.
+
+    For ``factor`` :math:`L` of shape ``(B, D, D)`` and ``whitened`` :math:`z` of shape
+    ``(B, n, D)``, yields for rows ``start:stop`` the tuple ``(start, stop, lower,
+    factor_block, whitened_block, variance, residual)``: the block's columns ``0:stop`` (the
+    rest is zero), ``lower`` the mask :math:`k \\le j`, and the reverse cumulative sums
+    :math:`v_{jk}` ``(B, b, stop)`` and :math:`r_{jk}` ``(B, n, b, stop)``. Memory per block
+    is :math:`O(B n\\, b D)`, so the residual form never holds :math:`D \\times D` temporaries
+    per vector.
+    """
     size = factor.shape[-1]
     columns = torch.arange(size, device=factor.device)
     for start in range(0, size, _ROW_BLOCK):
@@ -249,7 +274,7 @@ def _quadratic_form(factor: torch.Tensor, weights: torch.Tensor):
     variance = _reverse_cumsum(factor.square())
     safe_variance = torch.where(lower, variance, 1.0)
     block_weights = weights * lower
-    constant = -0.5 * (block_weights * (safe_variance.log() + _LOG_2PI)).sum((-1, -2))
+    constant = -0.5 * (block_weights * (safe_variance.log() + LOG_2PI)).sum((-1, -2))
     omega = (block_weights / safe_variance).cumsum(-1)
     products = (omega * factor).mT @ factor  # entry (i, i') = M_{ii'} for i <= i'
     upper = products.triu()
@@ -264,28 +289,25 @@ def random_permutations(
     size: int,
     device: Optional[torch.device] = None,
     generator: Optional[torch.Generator] = None,
+    *,
+    num_groups: Optional[int] = None,
 ) -> torch.Tensor:
-    """``num_perms`` uniformly random permutations of ``range(size)``, shape ``(num_perms, size)``.
+    """Uniformly random permutations of ``range(size)``.
 
-    Drawn from ``generator``, or from torch's global generator if it is ``None`` (so
-    ``pyro.set_rng_seed`` makes them reproducible).
+    :param num_perms: permutations per group.
+    :param size: the number of coordinates permuted.
+    :param num_groups: ``None`` for shape ``(num_perms, size)``, else shape
+        ``(num_groups, num_perms, size)``, every group drawn independently.
+    :param generator: a :class:`torch.Generator` to draw from (on any device; the result is
+        moved to ``device``); ``None`` draws from torch's global generator, so
+        ``pyro.set_rng_seed`` makes them reproducible.
     """
-    if generator is not None:
-        device = generator.device
-    uniform = torch.rand(num_perms, size, device=device, generator=generator)
-    return torch.argsort(uniform, dim=-1)
-
-
-def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
-    try:
-        return psd_safe_cholesky(matrix)
-    except NanError as error:
-        raise ValueError("the covariance matrix contains NaN entries") from error
-    except NotPSDError as error:
-        raise ValueError(
-            "the covariance matrix is not positive definite, even after adding jitter "
-            f"to its diagonal ({error})"
-        ) from error
+    shape = (num_perms, size) if num_groups is None else (num_groups, num_perms, size)
+    if generator is None:
+        return torch.argsort(torch.rand(shape, device=device), dim=-1)
+    # Drawn where the generator lives (a CPU generator serves data on any device), then moved.
+    uniform = torch.rand(shape, device=generator.device, generator=generator)
+    return torch.argsort(uniform, dim=-1).to(device)
 
 
 def _permuted_scores(
@@ -298,19 +320,25 @@ def _permuted_scores(
     """Masked scores averaged over ``perms``.
 
     ``covariance`` ``(B, D, D)``, ``residuals`` ``(B, n, D)``, ``weights`` ``(D,)`` context
-    weights, ``perms`` ``(S, D)``; ``scatter`` as in :class:`_QuadraticForms`. Returns
-    ``(B, n)``.
+    weights, ``perms`` ``(S, D)`` shared by every group, or ``(B, S, D)``, one set per group;
+    ``scatter`` as in :class:`_QuadraticForms`. Returns ``(B, n)``.
     """
     batch, num_vectors, size = residuals.shape
-    num_perms = perms.shape[0]
-    factor = _cholesky(_PermuteSymmetric.apply(covariance, perms))  # (B, S, D, D)
-    if num_vectors >= max(2, size // _QUADRATIC_FORM_MIN_VECTORS):
+    if perms.dim() == 2:
+        perms = perms[None]
+    num_perms = perms.shape[1]
+    factor = cholesky(_PermuteSymmetric.apply(covariance, perms), what=_COVARIANCE)  # (B, S, D, D)
+    if num_vectors >= max(2, size // _QUADRATIC_FORM_SIZE_PER_VECTOR):
         constant, precision_like = _quadratic_form(factor, weights)
         matrix = _UnpermuteSymmetric.apply(precision_like, perms)  # (B, D, D)
         quadratic = _QuadraticForms.apply(matrix, residuals, scatter)
         return constant.mean(1)[:, None] - 0.5 * quadratic
-    permuted = residuals.index_select(-1, perms.reshape(-1))
-    permuted = permuted.view(batch, num_vectors, num_perms, size).transpose(1, 2)
+    if perms.shape[0] == 1:
+        permuted = residuals.index_select(-1, perms.reshape(-1))
+        permuted = permuted.view(batch, num_vectors, num_perms, size).transpose(1, 2)
+    else:
+        full = (batch, num_perms, num_vectors, size)
+        permuted = torch.gather(residuals[:, None].expand(full), 3, perms[:, :, None].expand(full))
     whitened = torch.linalg.solve_triangular(factor, permuted.mT, upper=False).mT
     scores = _ResidualFormScore.apply(
         factor.reshape(batch * num_perms, size, size),
@@ -318,6 +346,46 @@ def _permuted_scores(
         weights,
     )
     return scores.view(batch, num_perms, num_vectors).mean(1)
+
+
+def _grouped_permuted_scores(
+    covariance: torch.Tensor,
+    residuals: torch.Tensor,
+    weights: torch.Tensor,
+    num_perms: int,
+    num_groups: int,
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """Masked scores with independent permutations for each of ``num_groups`` groups of vectors.
+
+    The ``B * n`` vectors of ``residuals`` ``(B, n, D)``, in order, are split into
+    ``G = min(num_groups, B * n)`` contiguous groups of near-equal size; every group draws its
+    own ``num_perms`` permutations. A group that spans several covariances is scored with each
+    of them on its share of vectors, so the work is one permuted factorization per (covariance,
+    group) pair, :math:`O((B + G) S D^3 + B n D^2)` in all. Returns ``(B, n)``.
+    """
+    batch, num_vectors, size = residuals.shape
+    total = batch * num_vectors
+    num_groups = min(num_groups, total)
+    device = residuals.device
+    perms = random_permutations(
+        num_perms, size, device, num_groups=num_groups, generator=generator
+    )  # (G, S, D)
+    flat = torch.arange(total, device=device)
+    group_of = flat * num_groups // total  # non-decreasing, every group non-empty
+    cov_of = flat // num_vectors
+    # Vectors with the same (covariance, group) form a contiguous run: one "pair" each.
+    _, run_lengths = torch.unique_consecutive(cov_of * num_groups + group_of, return_counts=True)
+    run_starts = torch.cumsum(run_lengths, 0) - run_lengths
+    run_of = torch.repeat_interleave(torch.arange(len(run_lengths), device=device), run_lengths)
+    position = flat - run_starts[run_of]
+    longest = int(run_lengths.max())
+    padded = residuals.new_zeros(len(run_lengths), longest, size)
+    padded[run_of, position] = residuals.reshape(total, size)
+    scores = _permuted_scores(
+        covariance[cov_of[run_starts]], padded, weights, perms[group_of[run_starts]]
+    )
+    return scores[run_of, position].reshape(batch, num_vectors)
 
 
 def _subset_permutations(size: int, mask_size: int, device) -> torch.Tensor:
@@ -338,11 +406,11 @@ def leave_one_out_log_densities(covariance: torch.Tensor, residuals: torch.Tenso
     ``(..., D, D)`` and ``residuals`` :math:`e = x - \\mu` shape ``(..., n, D)``; returns the
     shape of ``residuals``.
     """
-    factor = _cholesky(covariance)
+    factor = cholesky(covariance, what=_COVARIANCE)
     precision = torch.cholesky_inverse(factor)
     diagonal = torch.diagonal(precision, dim1=-2, dim2=-1)[..., None, :]
     projected = residuals @ precision  # precision is symmetric
-    return 0.5 * (diagonal.log() - _LOG_2PI - projected.square() / diagonal)
+    return 0.5 * (diagonal.log() - LOG_2PI - projected.square() / diagonal)
 
 
 def leave_one_out_score(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
@@ -353,7 +421,7 @@ def leave_one_out_score(covariance: torch.Tensor, residuals: torch.Tensor) -> to
 def _marginal_score(covariance: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
     """:math:`\\sum_j \\log p(x_j)`, i.e. :math:`D\\,S(x; D)` (the mask hides everything)."""
     variance = torch.diagonal(covariance, dim1=-2, dim2=-1)[:, None]
-    return (-0.5 * (_LOG_2PI + variance.log() + residuals.square() / variance)).sum(-1)
+    return (-0.5 * (LOG_2PI + variance.log() + residuals.square() / variance)).sum(-1)
 
 
 def gaussian_masked_score(
@@ -362,6 +430,8 @@ def gaussian_masked_score(
     size_weights: torch.Tensor,
     num_masks,
     scatter=None,
+    *,
+    mask_groups: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Masked estimate of :math:`\\log \\mathcal{N}(x; \\mu, \\Sigma)` for grouped residuals.
@@ -373,7 +443,16 @@ def gaussian_masked_score(
         over every mask of the sizes with non-zero weight).
     :param scatter: optional callable returning :math:`\\sum_n e_n e_n^\\top` per group, shape
         ``(B, D, D)``, used by the backward pass when it applies (see :class:`_QuadraticForms`).
-    :param generator: where the permutations are drawn from (``None``: torch's global one).
+    :param mask_groups: ``None``: every vector shares the ``num_masks`` permutations, one
+        :math:`O(D^3)` factorization per covariance and permutation. An int :math:`G`: the
+        ``B * n`` vectors are split, in order, into :math:`G` groups with independent
+        permutations (:math:`G \\ge B n` means one group per vector), costing
+        :math:`O(G S D^3 + B n D^2)`. Independent groups make the errors of a sum over
+        vectors add like independent errors, so the relative error of
+        :math:`\\sum_n \\log p(x_n)` falls like :math:`1/\\sqrt{G}`; shared permutations give
+        correlated errors that do not average out. Ignored for ``"all"`` (no randomness).
+    :param generator: the :class:`torch.Generator` the permutations are drawn from (``None``:
+        torch's global generator).
     :returns: shape ``(B, n)``.
     """
     size = residuals.shape[-1]
@@ -381,8 +460,11 @@ def gaussian_masked_score(
         context_weights = size_weights.flip(0) / torch.arange(
             size, 0, -1, dtype=size_weights.dtype, device=size_weights.device
         )
-        perms = random_permutations(num_masks, size, residuals.device, generator)
-        perms = perms.to(residuals.device)
+        if mask_groups is not None:
+            return _grouped_permuted_scores(
+                covariance, residuals, context_weights, num_masks, mask_groups, generator
+            )
+        perms = random_permutations(num_masks, size, residuals.device, generator=generator)
         return _permuted_scores(covariance, residuals, context_weights, perms, scatter)
     total = 0.0
     for index in torch.nonzero(size_weights).flatten().tolist():  # entry m - 1 for size m
@@ -404,3 +486,43 @@ def gaussian_masked_score(
 def count_enumerated_masks(size: int, sizes: list[int]) -> int:
     """How many masks ``num_masks="all"`` conditions on (sizes ``1`` and ``D`` are closed form)."""
     return sum(math.comb(size, m) for m in sizes if m not in (1, size))
+
+
+def enumeration_bytes(
+    size: int, sizes: list[int], num_covariances: int = 1, dtype: torch.dtype = torch.float64
+) -> int:
+    """Bytes of the permuted covariances ``num_masks="all"`` holds at once: for the mask size
+    with the most masks, one :math:`D \\times D` matrix per mask and covariance."""
+    most = max((math.comb(size, m) for m in sizes if m not in (1, size)), default=0)
+    return most * num_covariances * size * size * torch.finfo(dtype).bits // 8
+
+
+def check_enumeration(
+    size: int, sizes: list[int], num_covariances: int = 1, dtype: torch.dtype = torch.float64
+) -> None:
+    """Raise ``ValueError`` if ``num_masks="all"`` would need more than
+    :data:`MAX_ENUMERATED_MASKS` masks or :data:`MAX_ENUMERATION_BYTES` of permuted covariances.
+    """
+    enumerated = count_enumerated_masks(size, sizes)
+    if enumerated > MAX_ENUMERATED_MASKS:
+        raise ValueError(
+            f"num_masks='all' would condition on {enumerated} masks for an event of size "
+            f"{size}, more than the limit of {MAX_ENUMERATED_MASKS}; use an int num_masks"
+        )
+    needed = enumeration_bytes(size, sizes, num_covariances, dtype)
+    if needed > MAX_ENUMERATION_BYTES:
+        raise ValueError(
+            f"num_masks='all' would hold {needed / 2**30:.2f} GiB of permuted covariances "
+            f"(one {size} x {size} matrix per mask and covariance) for an event of size {size}, "
+            f"more than the limit of {MAX_ENUMERATION_BYTES / 2**30:.2f} GiB; use an int "
+            "num_masks"
+        )
+
+
+def enumeration_fits(
+    size: int, sizes: list[int], num_covariances: int = 1, dtype: torch.dtype = torch.float64
+) -> bool:
+    """Whether :func:`check_enumeration` accepts ``num_masks="all"`` for these sizes."""
+    return count_enumerated_masks(size, sizes) <= MAX_ENUMERATED_MASKS and (
+        enumeration_bytes(size, sizes, num_covariances, dtype) <= MAX_ENUMERATION_BYTES
+    )

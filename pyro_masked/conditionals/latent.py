@@ -76,6 +76,7 @@ from typing import Optional, Union
 
 import torch
 
+from pyro_masked import masks
 from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS, random_permutations
 
 __all__ = [
@@ -84,12 +85,6 @@ __all__ = [
     "latent_masked_score",
     "prefix_context_score",
 ]
-
-
-def count_enumerated_contexts(size: int, size_weights: torch.Tensor) -> int:
-    """How many contexts ``num_masks="all"`` enumerates: :math:`\\sum_m \\binom{D}{m}`."""
-    sizes = (torch.nonzero(size_weights).flatten() + 1).tolist()
-    return sum(math.comb(size, m) for m in sizes)
 
 
 def enumerated_contexts(
@@ -138,8 +133,17 @@ def importance_context_score(
 
     Cost :math:`O(K B P D)` in two matrix products and :math:`O(B P D)` logarithms.
     """
-    # log omega_{kbp}: the prior weights times the likelihood of each context (a matrix product).
-    log_context_weights = log_weights[..., None] + loglik @ visible.to(loglik.dtype).T
+    # log omega_{kbp}: the prior weights times the likelihood of each context (a matrix
+    # product). A -inf log-likelihood (a sample that cannot explain a coordinate) would give
+    # -inf * 0 = NaN for the contexts that do not see that coordinate, so the -inf entries are
+    # counted apart: a context that sees one has weight zero.
+    impossible = torch.isneginf(loglik)
+    finite_loglik = torch.where(impossible, loglik.new_zeros(()), loglik)
+    visible_matrix = visible.to(loglik.dtype).T
+    log_context_weights = log_weights[..., None] + finite_loglik @ visible_matrix
+    if impossible.any():
+        sees_impossible = impossible.to(loglik.dtype) @ visible_matrix > 0
+        log_context_weights = log_context_weights.masked_fill(sees_impossible, -math.inf)
     return _context_score(loglik, log_context_weights, ~visible, context_weights)
 
 
@@ -355,7 +359,7 @@ def latent_masked_score(
     if size_weights.shape != (size,):
         raise ValueError(f"size_weights must have shape ({size},), got {tuple(size_weights.shape)}")
     if num_masks == "all" and perms is None:
-        count = count_enumerated_contexts(size, size_weights)
+        count = masks.count_masks(size, (torch.nonzero(size_weights).flatten() + 1).tolist())
         if count > MAX_ENUMERATED_MASKS:
             raise ValueError(
                 f"num_masks='all' would enumerate {count} masks for an event of size {size}, "
@@ -378,13 +382,6 @@ def latent_masked_score(
     permuted = permuted.reshape(num_samples, batch * num_perms, size)
     repeated_weights = log_weights[:, :, None].expand(num_samples, batch, num_perms)
     scores = prefix_context_score(
-        permuted, repeated_weights.reshape(num_samples, -1), _context_weights(size_weights)
+        permuted, repeated_weights.reshape(num_samples, -1), masks.context_weights(size_weights)
     )
     return scores.reshape(batch, num_perms).mean(-1)
-
-
-def _context_weights(size_weights: torch.Tensor) -> torch.Tensor:
-    """:math:`c_t = w_{D-t} / (D - t)` for ``t = 0..D-1``."""
-    size = size_weights.shape[-1]
-    sizes = torch.arange(size, 0, -1, dtype=size_weights.dtype, device=size_weights.device)
-    return size_weights.flip(0) / sizes

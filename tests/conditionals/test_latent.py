@@ -304,3 +304,15 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_masks='all'"):
         big = torch.zeros(2, 1, 20)
         latent_masked_score(big, torch.zeros(2, 1), Cumulative().size_weights(20), "all")
+
+
+def test_impossible_sample_with_every_mask_gives_the_finite_exact_value():
+    # Component 0 cannot produce x_0 = 1 (log-likelihood -inf); component 1 can, so
+    # log p(x) is finite and the cumulative average over every mask equals it exactly.
+    loglik = torch.tensor([[[0.0, 0.5, 0.5]], [[0.7, 0.4, 0.6]]], dtype=torch.float64).log()
+    log_weights = torch.tensor([[0.3], [0.7]], dtype=torch.float64).log()
+    exact = torch.logsumexp(log_weights + loglik.sum(-1), 0)
+    score = latent_masked_score(loglik, log_weights, torch.ones(3, dtype=torch.float64), "all")
+    assert torch.allclose(score, exact, rtol=0, atol=1e-12)
+    fixed = latent_masked_score(loglik, log_weights, torch.tensor([3.0, 0.0, 0.0]), "all")
+    assert torch.isfinite(fixed).all()

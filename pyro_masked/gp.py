@@ -236,10 +236,11 @@ class GPRegression(PyroModule):
         (:func:`pyro_masked.local.models.local_observe`). The plate's scale makes the
         model's log joint an unbiased estimate of the local masked score (the evidence of
         the local approximation for ``mask="cumulative"``), at :math:`O(B c^3)` per step
-        whatever :math:`N`, after a one-off neighbour search. :class:`~pyro.infer.Trace_ELBO`
-        and :class:`~pyro_masked.MaskedELBO` optimise the same objective, and :func:`fit`
-        works unchanged; ``forward`` predicts by local kriging from the :math:`c` nearest
-        training points (``full_cov`` unavailable).
+        whatever :math:`N`, after a one-off neighbour search. The masking happens inside the
+        model, so train it with :class:`~pyro.infer.Trace_ELBO` (``fit(gp,
+        objective="exact")``); :class:`~pyro_masked.MaskedELBO` gives the same loss and warns
+        that the univariate site leaves it nothing to mask. ``forward`` predicts by local
+        kriging from the :math:`c` nearest training points (``full_cov`` unavailable).
     :param batch_size: hidden points per step with ``context_size``.
     :param mask: the mask schedule of the local objective (with ``context_size`` only; the
         schedule is drawn inside the model, so ``fit``'s ``mask`` does not reach it).

@@ -211,6 +211,7 @@ def estimate_local_log_marginal(
     batch_size: int = 1024,
     seed: Optional[int] = None,
     objective: Optional[LocalMaskedObjective] = None,
+    allow_duplicates: bool = False,
 ) -> LocalLogMarginalEstimate:
     """Estimate :math:`\\log p(y)` of a GP at scale, with a standard error.
 
@@ -231,6 +232,7 @@ def estimate_local_log_marginal(
     :param seed: seeds the draws; ``None`` seeds them from torch's global generator.
     :param objective: a :class:`LocalMaskedObjective` already built on ``X`` (reuses its
         neighbour lists); its ``mask`` then applies.
+    :param allow_duplicates: accept repeated inputs (when ``objective`` is ``None``).
     """
     X = check_inputs(X, "X")
     y = _check_targets(y, X)
@@ -239,7 +241,9 @@ def estimate_local_log_marginal(
     batch_size = check_count(batch_size, "batch_size")
     noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
     if objective is None:
-        objective = LocalMaskedObjective(X, context_size, mask=mask)
+        objective = LocalMaskedObjective(
+            X, context_size, mask=mask, allow_duplicates=allow_duplicates
+        )
     elif not objective.matches(X):
         raise ValueError("objective was built on other inputs than X")
     rng = np.random.default_rng(seed) if seed is not None else _generator(None)

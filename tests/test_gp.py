@@ -364,6 +364,10 @@ def test_lbfgs_on_the_seeded_objective_reaches_the_exact_optimum():
     assert fits["exact"] - start > 10  # the fit had a long way to go
     # Within 0.02 nats per point of the exact optimum (deterministic_num_masks's promise).
     assert fits["exact"] - 0.02 * 40 < fits["masked"] <= fits["exact"] + 1e-6
+    # Negative control: one fixed permutation, the biased objective the default avoids.
+    gp = rbf_gp(X, y, noise=1.0)
+    fit(gp, optimizer=lbfgs, lr=1.0, num_steps=3, num_masks=1, seed=0, progress=False)
+    assert gp.log_marginal_likelihood().item() < fits["exact"] - 0.02 * 40
 
 
 def test_lbfgs_on_random_masks_warns():

@@ -1,0 +1,416 @@
+"""Data-parallel masked training and evidence on 2 CPU processes (gloo).
+
+One module-scoped run spawns 2 ranks that train PPCA over a subsampled plate and a latent
+model with ``integrate=`` under ``DistributedDataParallel``, train PPCA with Lightning's DDP
+strategy, draw masks and reduce evidence estimates; each rank saves what it found. The tests
+compare those results with one process that computes the same minibatches and masks itself.
+The spawned ranks are joined with a deadline and killed past it, and every collective has a
+timeout, so a rank that fails or hangs fails the tests instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import socket
+import time
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from pyro.nn import PyroModule
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from pyro_masked import MaskedELBO, estimate_log_marginal, masked_log_prob
+from pyro_masked.distributed import RankRandomness, rank_seed, reduce_log_marginal
+
+WORLD_SIZE = 2
+SEED = 20261126
+DEADLINE_SECONDS = 150
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+
+NUM_POINTS = 48  # the plate's size: 3 steps of a global batch of 16 (8 per rank)
+LOCAL_BATCH = 8
+DIM = 4
+STEPS_LR = 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# The problems, built identically on every rank and in the test process
+# --------------------------------------------------------------------------------------------
+
+
+class PPCA(PyroModule):
+    """Probabilistic PCA with the data points in a subsampled plate of size ``size``."""
+
+    def __init__(self, size: int, dim: int = DIM, rank: int = 1):
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        self.size = size
+        self.loc = torch.nn.Parameter(torch.zeros(dim))
+        self.loadings = torch.nn.Parameter(0.5 * torch.randn(dim, rank, generator=generator))
+        self.log_noise = torch.nn.Parameter(torch.tensor(-0.5))
+
+    def forward(self, data: torch.Tensor) -> None:
+        # The local batch is the plate's subsample: Pyro scales its terms by size / len(data).
+        with pyro.plate("data", self.size, subsample_size=data.shape[0]):
+            noise = self.log_noise.exp().expand(self.loc.shape[-1])
+            fn = dist.LowRankMultivariateNormal(self.loc, self.loadings, noise)
+            pyro.sample("obs", fn, obs=data)
+
+
+class BinaryFactor(PyroModule):
+    """A latent factor model with Bernoulli coordinates; ``z`` is integrated by sampling."""
+
+    def __init__(self, size: int, dim: int = 6, latent: int = 2):
+        super().__init__()
+        generator = torch.Generator().manual_seed(2)
+        self.size = size
+        self.latent = latent
+        self.weight = torch.nn.Parameter(0.3 * torch.randn(dim, latent, generator=generator))
+        self.bias = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, data: torch.Tensor) -> None:
+        with pyro.plate("data", self.size, subsample_size=data.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([self.latent]).to_event(1))
+            logits = z @ self.weight.T + self.bias
+            pyro.sample("obs", dist.Bernoulli(logits=logits).to_event(1), obs=data)
+
+
+class EmptyGuide(PyroModule):
+    def forward(self, data: torch.Tensor) -> None:
+        return None
+
+
+def ppca_data() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    latent = torch.randn(NUM_POINTS, 1, generator=generator)
+    loadings = torch.tensor([[1.5], [-1.0], [0.5], [2.0]])
+    noise = 0.5 * torch.randn(NUM_POINTS, DIM, generator=generator)
+    return latent @ loadings.T + noise + 0.3
+
+
+def binary_data() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(4)
+    z = torch.randn(NUM_POINTS, 2, generator=generator)
+    weight = 2.0 * torch.randn(6, 2, generator=generator)
+    return torch.bernoulli(torch.sigmoid(z @ weight.T), generator=generator)
+
+
+def make_problem(name: str):
+    """The loss module (fresh parameters) and data of a training problem."""
+    if name == "ppca_all":
+        model, elbo, data = PPCA(NUM_POINTS), MaskedELBO(num_masks="all"), ppca_data()
+    elif name == "ppca":
+        model, elbo, data = PPCA(NUM_POINTS), MaskedELBO(num_masks=2), ppca_data()
+    elif name == "latent":
+        elbo = MaskedELBO(integrate=("z",), num_samples=8, max_plate_nesting=1)
+        model, data = BinaryFactor(NUM_POINTS), binary_data()
+    else:
+        raise ValueError(name)
+    return elbo(model, EmptyGuide()), data
+
+
+def rank_loader(data: torch.Tensor, rank: int) -> DataLoader:
+    """Rank ``rank``'s minibatches, as DistributedSampler (without shuffling) deals them."""
+    dataset = TensorDataset(data)
+    sampler = DistributedSampler(dataset, num_replicas=WORLD_SIZE, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=LOCAL_BATCH, sampler=sampler)
+
+
+def rank_batches(data: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    return [batch for (batch,) in rank_loader(data, rank)]
+
+
+def parameters_of(module: torch.nn.Module) -> dict:
+    return {name: value.detach().clone() for name, value in module.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------
+# What every rank runs
+# --------------------------------------------------------------------------------------------
+
+
+def train_ddp(name: str, rank: int, seed: int) -> dict:
+    """Adam steps on this rank's minibatches, gradients averaged by DDP."""
+    loss_fn, data = make_problem(name)
+    ddp = DistributedDataParallel(loss_fn)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=STEPS_LR)
+    randomness = RankRandomness(seed)  # the rank comes from torch.distributed
+    for batch in rank_batches(data, rank):
+        optimizer.zero_grad()
+        with randomness:
+            loss = ddp(batch)
+        loss.backward()
+        optimizer.step()
+    return parameters_of(loss_fn)
+
+
+def train_lightning(rank: int, seed: int) -> dict:
+    import lightning
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from pyro_masked.distributed import MaskedLightningModule
+
+    loss_fn, data = make_problem("ppca")
+    plan = MaskedLightningModule(loss_fn, lr=STEPS_LR, seed=seed)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        devices=WORLD_SIZE,
+        strategy=DDPStrategy(process_group_backend="gloo", timeout=COLLECTIVE_TIMEOUT),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        # Our DistributedSampler, without shuffling, so that the test process knows the batches.
+        use_distributed_sampler=False,
+    )
+    trainer.fit(plan, train_dataloaders=rank_loader(data, rank))
+    return parameters_of(loss_fn)
+
+
+def shard_of(data: torch.Tensor, rank: int) -> torch.Tensor:
+    return data.chunk(WORLD_SIZE)[rank]
+
+
+def evidence_model(data: torch.Tensor) -> None:
+    """PPCA with fixed parameters, every data point of ``data`` scored (no subsampling)."""
+    loadings = torch.tensor([[1.2], [-0.8], [0.4], [1.7]])
+    with pyro.plate("data", data.shape[0]):
+        fn = dist.LowRankMultivariateNormal(
+            torch.full((DIM,), 0.3), loadings, 0.3 * torch.ones(DIM)
+        )
+        pyro.sample("obs", fn, obs=data)
+
+
+def evidence_on_rank(rank: int, seed: int, num_masks) -> object:
+    with RankRandomness(seed, rank=rank):
+        return estimate_log_marginal(
+            evidence_model, None, shard_of(ppca_data(), rank), num_masks=num_masks
+        )
+
+
+def masked_scores_of_shared_data(seed: int, rank: int) -> torch.Tensor:
+    """The masked scores of the same data on every rank: equal iff the masks are equal."""
+    fn = dist.MultivariateNormal(torch.zeros(DIM), 0.5 * torch.eye(DIM) + 0.5)
+    with RankRandomness(seed, rank=rank):
+        return masked_log_prob(fn, ppca_data()[:6], num_masks=1)
+
+
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    pyro.settings.set(module_local_params=True)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),  # Lightning then joins this process group instead of spawning
+    )
+    torch_dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
+    try:
+        results = {
+            "rank": torch_dist.get_rank(),
+            "seed": rank_seed(SEED),
+            "scores": masked_scores_of_shared_data(SEED, rank),
+            "ppca_all": train_ddp("ppca_all", rank, SEED),
+            "ppca": train_ddp("ppca", rank, SEED),
+            "latent": train_ddp("latent", rank, SEED),
+        }
+        evidence = evidence_on_rank(rank, SEED, num_masks=4)
+        exact_evidence = evidence_on_rank(rank, SEED, num_masks="all")
+        results["evidence_local"] = evidence
+        results["evidence_sum"] = reduce_log_marginal(evidence)
+        results["evidence_mean"] = reduce_log_marginal(evidence, reduction="mean")
+        results["evidence_pair"] = reduce_log_marginal((evidence.estimate, evidence.stderr))
+        results["evidence_all"] = reduce_log_marginal(exact_evidence)
+        try:
+            # Rank 1 gives a different number of draws: every rank must raise, none hang.
+            reduce_log_marginal(evidence_on_rank(rank, SEED, num_masks=2 + rank))
+        except ValueError as error:
+            results["mismatch_error"] = str(error)
+        results["lightning"] = train_lightning(rank, SEED)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out_dir = str(tmp_path_factory.mktemp("ranks"))
+    context = mp.start_processes(
+        _rank_main,
+        args=(WORLD_SIZE, _free_port(), out_dir),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    try:
+        while not context.join(timeout=1.0):  # raises with a rank's traceback if it failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD_SIZE} ranks did not finish in {DEADLINE_SECONDS} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+@pytest.fixture
+def module_local_params():
+    previous = pyro.settings.get("module_local_params")
+    pyro.settings.set(module_local_params=True)
+    yield
+    pyro.settings.set(module_local_params=previous)
+
+
+# --------------------------------------------------------------------------------------------
+# One process over the same minibatches and masks
+# --------------------------------------------------------------------------------------------
+
+
+def train_one_process(name: str, streams: list) -> dict:
+    """The global batch of each step is rank 0's part and rank 1's part; part ``r`` is scored
+    under ``streams[r]``, and the loss is the mean of the parts' losses: the loss of the global
+    batch, ``(N / B) * sum over B + global terms``, written as a mean over the parts."""
+    loss_fn, data = make_problem(name)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=STEPS_LR)
+    for parts in zip(*(rank_batches(data, rank) for rank in range(WORLD_SIZE))):
+        optimizer.zero_grad()
+        losses = []
+        for part, stream in zip(parts, streams):
+            with stream:
+                losses.append(loss_fn(part))
+        torch.stack(losses).mean().backward()
+        optimizer.step()
+    return parameters_of(loss_fn)
+
+
+def train_one_process_global_batch(name: str) -> dict:
+    """One process, one loss over each global batch (its plate subsample is all 16 points)."""
+    loss_fn, data = make_problem(name)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=STEPS_LR)
+    for parts in zip(*(rank_batches(data, rank) for rank in range(WORLD_SIZE))):
+        optimizer.zero_grad()
+        loss_fn(torch.cat(parts)).backward()
+        optimizer.step()
+    return parameters_of(loss_fn)
+
+
+def rank_streams(seed: int) -> list:
+    return [RankRandomness(seed, rank=rank) for rank in range(WORLD_SIZE)]
+
+
+def assert_parameters_close(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-9, atol=1e-10)
+
+
+def parameters_differ(first: dict, second: dict) -> bool:
+    return any(not torch.allclose(first[name], second[name]) for name in first)
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_ranks_ran_with_their_own_rank(ranks):
+    assert [result["rank"] for result in ranks] == list(range(WORLD_SIZE))
+    assert [result["seed"] for result in ranks] == [rank_seed(SEED, r) for r in range(WORLD_SIZE)]
+
+
+def test_ddp_equals_one_process_over_the_global_batch_with_every_mask(ranks, module_local_params):
+    # num_masks="all" leaves nothing random: DDP's averaged gradient is the gradient of the
+    # one-process loss over the whole global batch, with no loss scale.
+    expected = train_one_process_global_batch("ppca_all")
+    initial = parameters_of(make_problem("ppca_all")[0])
+    assert parameters_differ(expected, initial)
+    for result in ranks:
+        assert_parameters_close(result["ppca_all"], expected)
+
+
+@pytest.mark.parametrize("name", ["ppca", "latent"])
+def test_ddp_equals_one_process_over_the_same_minibatches_and_masks(
+    ranks, module_local_params, name
+):
+    expected = train_one_process(name, rank_streams(SEED))
+    for result in ranks:
+        assert_parameters_close(result[name], expected)
+    # Negative control: with rank 0's masks on both parts (one seed on every rank) the
+    # parameters differ, so the comparison sees which masks each rank drew.
+    same_masks = train_one_process(name, [RankRandomness(SEED, rank=0)] * WORLD_SIZE)
+    assert parameters_differ(same_masks, expected)
+
+
+def test_lightning_ddp_equals_one_process_over_the_same_minibatches_and_masks(
+    ranks, module_local_params
+):
+    expected = train_one_process("ppca", rank_streams(SEED))
+    for result in ranks:
+        assert_parameters_close(result["lightning"], expected)
+
+
+def test_masks_differ_across_ranks_and_are_reproducible(ranks):
+    scores = [result["scores"] for result in ranks]
+    # The same data on every rank: the scores differ only if the masks do.
+    assert not torch.allclose(scores[0], scores[1])
+    for rank, result in enumerate(ranks):
+        torch.testing.assert_close(result["scores"], masked_scores_of_shared_data(SEED, rank))
+
+
+def test_reduced_evidence_equals_one_process_over_the_union(ranks):
+    data = ppca_data()
+    # Every mask enumerated: nothing is random, and the shards' sum is the union's estimate.
+    union = estimate_log_marginal(evidence_model, None, data, num_masks="all")
+    for result in ranks:
+        reduced = result["evidence_all"]
+        assert reduced.estimate == pytest.approx(union.estimate, rel=1e-12)
+        assert reduced.exact == pytest.approx(union.exact, rel=1e-12)
+        assert reduced.unmasked == pytest.approx(union.unmasked, rel=1e-12)
+        assert reduced.stderr == 0.0
+
+
+def test_reduced_evidence_sums_estimates_and_adds_variances(ranks):
+    local = [evidence_on_rank(rank, SEED, num_masks=4) for rank in range(WORLD_SIZE)]
+    estimate = sum(part.estimate for part in local)
+    stderr = math.sqrt(sum(part.stderr**2 for part in local))
+    assert all(part.stderr > 0 for part in local)
+    for rank, result in enumerate(ranks):
+        assert result["evidence_local"].estimate == pytest.approx(local[rank].estimate, rel=1e-12)
+        reduced = result["evidence_sum"]
+        assert reduced.estimate == pytest.approx(estimate, rel=1e-12)
+        assert reduced.stderr == pytest.approx(stderr, rel=1e-12)
+        torch.testing.assert_close(reduced.draws, local[0].draws + local[1].draws)
+        assert reduced.exact == pytest.approx(sum(part.exact for part in local), rel=1e-12)
+        assert result["evidence_pair"] == pytest.approx((estimate, stderr), rel=1e-12)
+        mean = result["evidence_mean"]
+        assert mean.estimate == pytest.approx(estimate / WORLD_SIZE, rel=1e-12)
+        assert mean.stderr == pytest.approx(stderr / WORLD_SIZE, rel=1e-12)
+        # The union's evidence, within a few standard errors.
+        assert abs(reduced.estimate - reduced.exact) < 4 * reduced.stderr
+
+
+def test_reduce_rejects_ranks_with_different_draws_on_every_rank(ranks):
+    for result in ranks:
+        assert "differ" in result["mismatch_error"]

@@ -15,6 +15,7 @@ import datetime
 import math
 import os
 import socket
+import sys
 import time
 
 import pyro
@@ -414,3 +415,114 @@ def test_reduced_evidence_sums_estimates_and_adds_variances(ranks):
 def test_reduce_rejects_ranks_with_different_draws_on_every_rank(ranks):
     for result in ranks:
         assert "differ" in result["mismatch_error"]
+
+
+# --------------------------------------------------------------------------------------------
+# One process: the helpers on their own
+# --------------------------------------------------------------------------------------------
+
+
+def test_rank_seed_is_reproducible_and_differs_by_rank_and_seed():
+    seeds = {rank_seed(seed, rank) for seed in range(3) for rank in range(4)}
+    assert len(seeds) == 12
+    assert rank_seed(5, 1) == rank_seed(5, 1)
+    assert rank_seed(5) == rank_seed(5, 0)  # no process group: rank 0
+    assert all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_rank_randomness_continues_its_stream_and_restores_the_global_one():
+    randomness = RankRandomness(7, rank=1)
+    torch.manual_seed(0)
+    expected_global = torch.rand(4)
+    torch.manual_seed(0)
+    with randomness:
+        first = torch.rand(3)
+    global_draw = torch.rand(4)
+    with randomness:
+        second = torch.rand(3)
+    torch.testing.assert_close(global_draw, expected_global)
+    stream = torch.Generator().manual_seed(rank_seed(7, 1))
+    torch.testing.assert_close(torch.cat([first, second]), torch.rand(6, generator=stream))
+
+
+def test_rank_randomness_as_decorator_restores_state_after_an_error():
+    randomness = RankRandomness(3, rank=0)
+
+    @randomness
+    def failing_draw():
+        torch.rand(2)
+        raise KeyError("inside")
+
+    state = torch.get_rng_state()
+    with pytest.raises(KeyError):
+        failing_draw()
+    assert torch.equal(torch.get_rng_state(), state)
+    with randomness:  # usable again after the error
+        pass
+
+
+def test_rank_randomness_rejects_reentry_and_bad_arguments():
+    randomness = RankRandomness(0, rank=0)
+    with randomness:
+        with pytest.raises(RuntimeError, match="already active"):
+            randomness.__enter__()
+    with pytest.raises(TypeError, match="seed"):
+        RankRandomness(1.5)
+    with pytest.raises(ValueError, match="seed"):
+        RankRandomness(-1)
+    with pytest.raises(TypeError, match="rank"):
+        RankRandomness(0, rank="0")
+    with pytest.raises(ValueError, match="device"):
+        RankRandomness(0, device="meta")
+
+
+def test_reduce_log_marginal_needs_a_process_group_and_a_known_reduction():
+    with pytest.raises(ValueError, match="reduction"):
+        reduce_log_marginal((1.0, 0.1), reduction="max")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        reduce_log_marginal((1.0, 0.1))
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    torch_dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_path / 'store'}",
+        rank=0,
+        world_size=1,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+    yield
+    torch_dist.destroy_process_group()
+
+
+def test_reduce_log_marginal_on_one_rank_returns_its_input(single_rank_group):
+    result = estimate_log_marginal(evidence_model, None, ppca_data(), num_masks=3)
+    reduced = reduce_log_marginal(result)
+    assert type(reduced) is type(result)
+    assert reduced.estimate == pytest.approx(result.estimate, rel=1e-15)
+    assert reduced.stderr == pytest.approx(result.stderr, rel=1e-15)
+    torch.testing.assert_close(reduced.draws, result.draws)
+    assert reduce_log_marginal((torch.tensor(2.0), 0.5)) == (2.0, 0.5)
+
+
+def test_reduce_log_marginal_rejects_bad_results(single_rank_group):
+    with pytest.raises(TypeError, match="pair or a LogMarginalEstimate"):
+        reduce_log_marginal(3.0)
+    with pytest.raises(TypeError, match="stderr"):
+        reduce_log_marginal((3.0, "big"))
+    with pytest.raises(ValueError, match="finite"):
+        reduce_log_marginal((math.nan, 0.1))
+    with pytest.raises(ValueError, match="stderr >= 0"):
+        reduce_log_marginal((1.0, -0.1))
+
+
+def test_lightning_module_without_lightning_names_the_extra(monkeypatch):
+    from pyro_masked import distributed
+
+    monkeypatch.setattr(distributed, "_lazy", {})
+    monkeypatch.setitem(sys.modules, "lightning", None)  # import lightning raises ImportError
+    with pytest.raises(ImportError, match=r"pip install pyro_masked\[distributed\]"):
+        distributed.MaskedLightningModule  # noqa: B018
+    with pytest.raises(AttributeError, match="no_such_name"):
+        distributed.no_such_name  # noqa: B018

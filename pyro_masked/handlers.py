@@ -125,6 +125,7 @@ class MaskedMessenger(Messenger):
         return result
 
     def _pyro_sample(self, msg) -> None:
+        # Each masked site records its ordinary distribution in ``msg["infer"]["unmasked_fn"]``.
         name = msg["name"]
         if not msg["is_observed"] or (self.sites is not None and name not in self.sites):
             return
@@ -152,6 +153,8 @@ class MaskedMessenger(Messenger):
             except ValueError as error:
                 raise ValueError(f"observed site '{name}': {error}") from error
         msg["fn"] = MaskedScore(fn, self.schedule, self.num_masks, name)
+        # The site's ordinary distribution, for whoever reads the trace (the diagnostics).
+        msg["infer"] = dict(msg["infer"], unmasked_fn=fn)
 
 
 def masked(

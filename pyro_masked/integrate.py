@@ -292,6 +292,10 @@ class Integration:
             )
         self.observed = name
         msg["fn"] = IntegratedObservation(base, self.log_weights, schedule, num_masks, name)
+        if schedule is not None:
+            # Unmasked, the same samples give the importance-weighted log p(x).
+            unmasked = IntegratedObservation(base, self.log_weights, None, 1, name)
+            msg["infer"] = dict(msg["infer"], unmasked_fn=unmasked)
 
     def check_latent(self, msg) -> None:
         name, fn = msg["name"], msg["fn"]

@@ -55,7 +55,6 @@ example with per-rank masks.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -63,14 +62,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pyro_masked.diagnostics import LogMarginalEstimate, MaskRateCurve
+
 __all__ = [
     "MaskedLightningModule",  # noqa: F822 (built on first access by __getattr__)
     "RankRandomness",
     "rank_seed",
     "reduce_log_marginal",
 ]
-
-EstimatePair = tuple[float, float]
 
 
 def _check_seed(seed) -> int:
@@ -208,6 +207,30 @@ class RankRandomness:
 
 _REDUCTIONS = ("sum", "mean")
 
+# How each field of a diagnostics result combines over ranks: estimates (and draws, and the
+# curve's per-rate scores) add up; standard errors add in quadrature; ``exact`` adds up where
+# every rank knows it. Fields not listed (rates, mask sizes, the schedule) must agree.
+_SUMMED, _QUADRATURE = "summed", "quadrature"
+_FIELDS = {
+    LogMarginalEstimate: {
+        "estimate": _SUMMED,
+        "stderr": _QUADRATURE,
+        "unmasked": _SUMMED,
+        "draws": _SUMMED,
+        "exact": _SUMMED,
+    },
+    MaskRateCurve: {
+        "scores": _SUMMED,
+        "stderrs": _QUADRATURE,
+        "estimates": _SUMMED,
+        "estimate_stderrs": _QUADRATURE,
+        "area": _SUMMED,
+        "area_stderr": _QUADRATURE,
+        "exact": _SUMMED,
+    },
+}
+_PAIR_FIELDS = {"estimate": _SUMMED, "stderr": _QUADRATURE}
+
 
 def _reduce_device(group) -> torch.device:
     # NCCL reduces CUDA tensors only; gloo and MPI take CPU tensors.
@@ -216,16 +239,58 @@ def _reduce_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _as_pair(result) -> Optional[EstimatePair]:
+def _as_number(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"result's {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _fields_of(result) -> tuple[dict, dict]:
+    """The values to combine (name -> float or tensor, ``None`` if unknown) and their rules."""
     if isinstance(result, (tuple, list)) and len(result) == 2:
-        estimate, stderr = result
-        for name, value in (("estimate", estimate), ("stderr", stderr)):
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"result's {name} must be a real number, got {value!r}")
-        return float(estimate), float(stderr)
-    return None
+        values = {name: _as_number(value, name) for name, value in zip(_PAIR_FIELDS, result)}
+        return values, _PAIR_FIELDS
+    rules = _FIELDS.get(type(result))
+    if rules is None:
+        raise TypeError(
+            "result must be an (estimate, stderr) pair, a LogMarginalEstimate or a "
+            f"MaskRateCurve, got {type(result).__name__}"
+        )
+    return {name: getattr(result, name) for name in rules}, rules
+
+
+def _check_finite(values: dict, rules: dict) -> None:
+    for name, value in values.items():
+        if value is None:
+            continue
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"result's {name} must be finite, got {value}")
+        if rules[name] == _QUADRATURE and (tensor < 0).any():
+            raise ValueError(f"result's {name} must be >= 0 (a standard error), got {value}")
+
+
+def _signature(result, values: dict) -> tuple:
+    """What must agree over ranks for their results to combine."""
+    shapes = tuple(
+        (name, None if value is None else tuple(torch.as_tensor(value).shape))
+        for name, value in values.items()
+    )
+    fixed = ()
+    if dataclasses.is_dataclass(result):
+        rules = _FIELDS[type(result)]
+        fixed = tuple(
+            (f.name, repr(_plain(getattr(result, f.name))))
+            for f in dataclasses.fields(result)
+            if f.name not in rules
+        )
+    return (type(result).__name__, shapes, fixed)
+
+
+def _plain(value):
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def reduce_log_marginal(
@@ -250,21 +315,27 @@ def reduce_log_marginal(
     and scaled to the full data) and :math:`\\hat L = \\frac1W \\sum_r \\hat L_r`,
     :math:`s^2 = \\frac1{W^2} \\sum_r s_r^2`.
 
+    For a :class:`~pyro_masked.LogMarginalEstimate`, ``estimate``, ``unmasked`` and ``exact``
+    combine like :math:`\\hat L` and ``stderr`` like :math:`s`; draw :math:`i` of the result
+    combines every rank's draw :math:`i` (an independent draw of :math:`\\hat L`). For a
+    :class:`~pyro_masked.MaskRateCurve` computed on the same rate grid, ``scores``,
+    ``estimates`` and ``area`` combine like :math:`\\hat L` and their standard errors like
+    :math:`s`, rate by rate. ``exact`` stays known only where every rank knows it.
+
     One ``all_gather_object`` checks that the ranks' results are alike (so that every rank
     raises the same error and none is left waiting) and one ``all_reduce`` combines them: a
-    collective, so every rank of ``group`` must call it.
+    collective, so every rank of ``group`` must call it. Cost: :math:`O(R + n)` numbers per
+    rank for ``R`` rates and ``n`` draws.
 
-    :param result: a :class:`~pyro_masked.LogMarginalEstimate` (or any frozen dataclass with
-        ``estimate`` and ``stderr`` fields), or an ``(estimate, stderr)`` pair.
+    :param result: a :class:`~pyro_masked.LogMarginalEstimate`, a
+        :class:`~pyro_masked.MaskRateCurve`, or an ``(estimate, stderr)`` pair of numbers.
     :param reduction: ``"sum"`` (disjoint shards) or ``"mean"`` (replicates).
     :param group: the process group; the default group when ``None``.
-    :returns: the same kind as ``result``: a pair of floats, or a copy of the dataclass with
-        ``estimate`` and ``stderr`` combined, ``exact`` and ``unmasked`` combined the same way
-        (``exact`` is ``None`` unless every rank knows it) and ``draws`` the combined draws
-        (draw :math:`i` of the total is the sum, or mean, of every rank's draw :math:`i`, an
-        independent draw of :math:`\\hat L`).
-    :raises ValueError: on a single rank, before any collective, for a bad ``reduction``; on
-        every rank when the ranks' results differ in kind, mask schedule or number of draws.
+    :returns: the same kind as ``result``: a pair of floats, or a copy of the result with its
+        fields combined.
+    :raises ValueError: for a bad ``reduction``, or non-finite values, before any collective
+        (on the ranks where it happens; the others then wait until the group's timeout);
+        on every rank when the ranks' results differ in kind, schedule, rates or draws.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -273,68 +344,45 @@ def reduce_log_marginal(
             "reduce_log_marginal needs an initialized torch.distributed process group "
             "(torch.distributed.init_process_group)"
         )
-    pair = _as_pair(result)
-    is_record = pair is None and dataclasses.is_dataclass(result) and not isinstance(result, type)
-    if is_record:
-        names = {f.name for f in dataclasses.fields(result)}
-        if not {"estimate", "stderr"} <= names:
-            is_record = False
-    if pair is None and not is_record:
-        raise TypeError(
-            "result must be an (estimate, stderr) pair or a LogMarginalEstimate, got "
-            f"{type(result).__name__}"
-        )
-    if is_record:
-        pair = float(result.estimate), float(result.stderr)
-    estimate, stderr = pair
-    if not (math.isfinite(estimate) and math.isfinite(stderr)) or stderr < 0:
-        raise ValueError(f"result must hold a finite estimate and a finite stderr >= 0, got {pair}")
+    values, rules = _fields_of(result)
+    _check_finite(values, rules)
 
     world_size = dist.get_world_size(group)
-    signature = _signature(result) if is_record else ("pair",)
-    signatures = [None] * world_size
-    dist.all_gather_object(signatures, signature, group=group)
+    signatures: list = [None] * world_size
+    dist.all_gather_object(signatures, _signature(result, values), group=group)
     if any(other != signatures[0] for other in signatures):
         raise ValueError(
-            "the ranks' results differ and cannot be combined: (kind, num_masks, mask, "
-            f"number of draws, exact known) by rank: {signatures}"
+            "the ranks' results differ and cannot be combined (kind, shapes of the combined "
+            f"fields, and the fields that must agree, by rank): {signatures}"
         )
 
-    exact = getattr(result, "exact", None) if is_record else None
-    unmasked = getattr(result, "unmasked", None) if is_record else None
-    draws = getattr(result, "draws", None) if is_record else None
-    scalars = [estimate, stderr**2, 0.0 if exact is None else float(exact)]
-    scalars.append(0.0 if unmasked is None else float(unmasked))
+    known = [name for name, value in values.items() if value is not None]
     device = _reduce_device(group)
-    packed = torch.tensor(scalars, dtype=torch.float64, device=device)
-    if isinstance(draws, torch.Tensor):
-        packed = torch.cat([packed, draws.detach().to(device=device, dtype=torch.float64)])
+    parts = []
+    for name in known:
+        part = torch.as_tensor(values[name], dtype=torch.float64).detach().to(device)
+        parts.append(part.reshape(-1) ** 2 if rules[name] == _QUADRATURE else part.reshape(-1))
+    packed = torch.cat(parts)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    packed = packed.cpu()
     divisor = 1.0 if reduction == "sum" else float(world_size)
-    total = packed.cpu() / divisor
-    estimate_total = float(total[0])
-    stderr_total = math.sqrt(float(packed[1].cpu())) / divisor
-    if not is_record:
-        return estimate_total, stderr_total
-    changes: dict = {"estimate": estimate_total, "stderr": stderr_total}
-    if "exact" in names:
-        changes["exact"] = None if exact is None else float(total[2])
-    if "unmasked" in names and unmasked is not None:
-        changes["unmasked"] = float(total[3])
-    if isinstance(draws, torch.Tensor):
-        changes["draws"] = total[4:].to(dtype=draws.dtype)
-    return dataclasses.replace(result, **changes)
 
-
-def _signature(result) -> tuple:
-    draws = getattr(result, "draws", None)
-    return (
-        type(result).__name__,
-        repr(getattr(result, "num_masks", None)),
-        repr(getattr(result, "mask", None)),
-        None if not isinstance(draws, torch.Tensor) else tuple(draws.shape),
-        getattr(result, "exact", None) is not None,
-    )
+    combined: dict = {}
+    offset = 0
+    for name in known:
+        original = values[name]
+        shape = torch.as_tensor(original).shape
+        size = max(1, shape.numel())
+        total = packed[offset : offset + size]
+        offset += size
+        total = (total.sqrt() if rules[name] == _QUADRATURE else total) / divisor
+        if isinstance(original, torch.Tensor):
+            combined[name] = total.reshape(shape).to(dtype=original.dtype)
+        else:
+            combined[name] = float(total[0])
+    if not dataclasses.is_dataclass(result):
+        return combined["estimate"], combined["stderr"]
+    return dataclasses.replace(result, **combined)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from pyro_masked import MaskedELBO, estimate_log_marginal, masked_log_prob
+from pyro_masked import MaskedELBO, estimate_log_marginal, mask_rate_curve, masked_log_prob
 from pyro_masked.distributed import RankRandomness, rank_seed, reduce_log_marginal
 
 WORLD_SIZE = 2
@@ -199,6 +199,13 @@ def evidence_on_rank(rank: int, seed: int, num_masks) -> object:
         )
 
 
+def curve_on_rank(rank: int, num_masks) -> object:
+    with RankRandomness(SEED, rank=rank):
+        return mask_rate_curve(
+            evidence_model, None, shard_of(ppca_data(), rank), num_masks=num_masks
+        )
+
+
 def masked_scores_of_shared_data(seed: int, rank: int) -> torch.Tensor:
     """The masked scores of the same data on every rank: equal iff the masks are equal."""
     fn = dist.MultivariateNormal(torch.zeros(DIM), 0.5 * torch.eye(DIM) + 0.5)
@@ -236,6 +243,8 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
         results["evidence_mean"] = reduce_log_marginal(evidence, reduction="mean")
         results["evidence_pair"] = reduce_log_marginal((evidence.estimate, evidence.stderr))
         results["evidence_all"] = reduce_log_marginal(exact_evidence)
+        results["curve_all"] = reduce_log_marginal(curve_on_rank(rank, num_masks="all"))
+        results["curve"] = reduce_log_marginal(curve_on_rank(rank, num_masks=3))
         try:
             # Rank 1 gives a different number of draws: every rank must raise, none hang.
             reduce_log_marginal(evidence_on_rank(rank, SEED, num_masks=2 + rank))
@@ -392,6 +401,30 @@ def test_reduced_evidence_equals_one_process_over_the_union(ranks):
         assert reduced.stderr == 0.0
 
 
+def test_reduced_mask_rate_curve_equals_one_process_over_the_union(ranks):
+    union = mask_rate_curve(evidence_model, None, ppca_data(), num_masks="all")
+    for result in ranks:
+        reduced = result["curve_all"]
+        torch.testing.assert_close(reduced.rates, union.rates)
+        torch.testing.assert_close(reduced.scores, union.scores, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(reduced.estimates, union.estimates, rtol=1e-12, atol=1e-12)
+        assert reduced.area == pytest.approx(union.area, rel=1e-12)
+        assert reduced.exact == pytest.approx(union.exact, rel=1e-12)
+        assert reduced.area_stderr == 0.0
+
+
+def test_reduced_mask_rate_curve_adds_variances_rate_by_rate(ranks):
+    local = [curve_on_rank(rank, num_masks=3) for rank in range(WORLD_SIZE)]
+    for result in ranks:
+        reduced = result["curve"]
+        torch.testing.assert_close(reduced.scores, local[0].scores + local[1].scores)
+        expected = (local[0].estimate_stderrs ** 2 + local[1].estimate_stderrs ** 2).sqrt()
+        torch.testing.assert_close(reduced.estimate_stderrs, expected)
+        assert reduced.area_stderr == pytest.approx(
+            math.hypot(local[0].area_stderr, local[1].area_stderr), rel=1e-12
+        )
+
+
 def test_reduced_evidence_sums_estimates_and_adds_variances(ranks):
     local = [evidence_on_rank(rank, SEED, num_masks=4) for rank in range(WORLD_SIZE)]
     estimate = sum(part.estimate for part in local)
@@ -507,13 +540,13 @@ def test_reduce_log_marginal_on_one_rank_returns_its_input(single_rank_group):
 
 
 def test_reduce_log_marginal_rejects_bad_results(single_rank_group):
-    with pytest.raises(TypeError, match="pair or a LogMarginalEstimate"):
+    with pytest.raises(TypeError, match="pair, a LogMarginalEstimate"):
         reduce_log_marginal(3.0)
     with pytest.raises(TypeError, match="stderr"):
         reduce_log_marginal((3.0, "big"))
     with pytest.raises(ValueError, match="finite"):
         reduce_log_marginal((math.nan, 0.1))
-    with pytest.raises(ValueError, match="stderr >= 0"):
+    with pytest.raises(ValueError, match="stderr must be >= 0"):
         reduce_log_marginal((1.0, -0.1))
 
 

@@ -193,6 +193,8 @@ class RankRandomness:
         self._saved = None
 
     def __call__(self, fn: Callable) -> Callable:
+        """``fn`` run under this rank's stream: ``RankRandomness(seed)(loss_fn)``."""
+
         def run_with_rank_randomness(*args, **kwargs):
             with self:
                 return fn(*args, **kwargs)
@@ -444,23 +446,27 @@ def _make_lightning_module(lightning) -> type:
             self.randomness: Optional[RankRandomness] = None
 
         def setup(self, stage: str) -> None:
+            """Open this rank's mask stream (Lightning knows the rank and device by now)."""
             # The strategy's device: the module itself is moved there only after this hook.
             root = self.trainer.strategy.root_device
             device = root if root.type == "cuda" else None
             self.randomness = RankRandomness(self.seed, rank=self.global_rank, device=device)
 
         def forward(self, *batch) -> torch.Tensor:
+            """The masked loss of ``batch``, with this rank's masks."""
             if self.randomness is None:
                 self.setup("fit")
             with self.randomness:
                 return self.loss_fn(*batch)
 
         def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+            """The loss of this rank's part of the global batch, logged as ``train_loss``."""
             loss = self(*batch)
             self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=_size(batch))
             return loss
 
         def configure_optimizers(self):
+            """Adam over the loss module's parameters, or the ``optimizer`` given."""
             if self.optimizer_factory is not None:
                 return self.optimizer_factory(self.loss_fn.parameters())
             return torch.optim.Adam(self.loss_fn.parameters(), lr=self.lr)

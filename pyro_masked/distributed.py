@@ -322,7 +322,8 @@ def reduce_log_marginal(
     combines every rank's draw :math:`i` (an independent draw of :math:`\\hat L`). For a
     :class:`~pyro_masked.MaskRateCurve` computed on the same rate grid, ``scores``,
     ``estimates`` and ``area`` combine like :math:`\\hat L` and their standard errors like
-    :math:`s`, rate by rate. ``exact`` stays known only where every rank knows it.
+    :math:`s`, rate by rate; ``exact`` combines like :math:`\\hat L` (the ranks must agree on
+    whether it is known).
 
     One ``all_gather_object`` checks that the ranks' results are alike (so that every rank
     raises the same error and none is left waiting) and one ``all_reduce`` combines them: a
@@ -335,9 +336,12 @@ def reduce_log_marginal(
     :param group: the process group; the default group when ``None``.
     :returns: the same kind as ``result``: a pair of floats, or a copy of the result with its
         fields combined.
-    :raises ValueError: for a bad ``reduction``, or non-finite values, before any collective
-        (on the ranks where it happens; the others then wait until the group's timeout);
-        on every rank when the ranks' results differ in kind, schedule, rates or draws.
+    :raises ValueError: for a bad ``reduction`` (before any collective, so pass the same on
+        every rank); on every rank when a rank's result is not finite or has a negative
+        standard error, or when the ranks' results differ in kind, schedule, rates, number
+        of draws or in whether ``exact`` is known.
+    :raises TypeError: on the rank whose ``result`` is of the wrong kind (the others raise
+        ``ValueError`` naming it).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -346,12 +350,27 @@ def reduce_log_marginal(
             "reduce_log_marginal needs an initialized torch.distributed process group "
             "(torch.distributed.init_process_group)"
         )
-    values, rules = _fields_of(result)
-    _check_finite(values, rules)
-
+    # A bad result is reported to every rank before it raises, so that none is left waiting
+    # in the reduction for a rank that has given up.
+    problem: Optional[Exception] = None
+    try:
+        values, rules = _fields_of(result)
+        _check_finite(values, rules)
+        signature = _signature(result, values)
+    except (TypeError, ValueError) as error:
+        problem, signature = error, None
     world_size = dist.get_world_size(group)
-    signatures: list = [None] * world_size
-    dist.all_gather_object(signatures, _signature(result, values), group=group)
+    gathered: list = [None] * world_size
+    report = None if problem is None else f"{type(problem).__name__}: {problem}"
+    dist.all_gather_object(gathered, (signature, report), group=group)
+    if problem is not None:
+        raise problem
+    failed = [(rank, report) for rank, (_, report) in enumerate(gathered) if report is not None]
+    if failed:
+        raise ValueError(
+            f"another rank's result cannot be combined: rank {failed[0][0]}: {failed[0][1]}"
+        )
+    signatures = [signature for signature, _ in gathered]
     if any(other != signatures[0] for other in signatures):
         raise ValueError(
             "the ranks' results differ and cannot be combined (kind, shapes of the combined "
@@ -374,7 +393,7 @@ def reduce_log_marginal(
     for name in known:
         original = values[name]
         shape = torch.as_tensor(original).shape
-        size = max(1, shape.numel())
+        size = shape.numel()
         total = packed[offset : offset + size]
         offset += size
         total = (total.sqrt() if rules[name] == _QUADRATURE else total) / divisor
@@ -493,3 +512,7 @@ def __getattr__(name: str):
             _lazy[name] = _make_lightning_module(_import_lightning())
         return _lazy[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

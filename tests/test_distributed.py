@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from conftest import requires_cuda
 from pyro.nn import PyroModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
@@ -250,6 +251,11 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
             reduce_log_marginal(evidence_on_rank(rank, SEED, num_masks=2 + rank))
         except ValueError as error:
             results["mismatch_error"] = str(error)
+        try:
+            # Rank 1's estimate is not finite: rank 0 must raise too, not wait for it.
+            reduce_log_marginal((1.0, 0.1) if rank == 0 else (math.nan, 0.1))
+        except ValueError as error:
+            results["bad_rank_error"] = str(error)
         results["lightning"] = train_lightning(rank, SEED)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -559,3 +565,28 @@ def test_lightning_module_without_lightning_names_the_extra(monkeypatch):
         distributed.MaskedLightningModule  # noqa: B018
     with pytest.raises(AttributeError, match="no_such_name"):
         distributed.no_such_name  # noqa: B018
+
+
+def test_reduce_raises_on_every_rank_when_one_rank_has_a_bad_result(ranks):
+    assert "must be finite" in ranks[1]["bad_rank_error"]
+    assert "rank 1" in ranks[0]["bad_rank_error"]
+    assert "must be finite" in ranks[0]["bad_rank_error"]
+
+
+@requires_cuda
+def test_rank_randomness_draws_cuda_masks_from_its_own_stream():
+    fn = dist.MultivariateNormal(
+        torch.zeros(DIM, device="cuda"), (0.5 * torch.eye(DIM) + 0.5).cuda()
+    )
+    data = ppca_data()[:6].cuda()
+
+    def scores(rank):
+        with RankRandomness(SEED, rank=rank, device="cuda"):
+            return masked_log_prob(fn, data, num_masks=1)
+
+    state = torch.cuda.get_rng_state()
+    first, again, other = scores(0), scores(0), scores(1)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other)
+    assert first.device.type == "cuda"

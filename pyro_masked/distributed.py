@@ -469,18 +469,28 @@ def _make_lightning_module(lightning) -> type:
             # The strategy's device: the module itself is moved there only after this hook.
             root = self.trainer.strategy.root_device
             device = root if root.type == "cuda" else None
-            self.randomness = RankRandomness(self.seed, rank=self.global_rank, device=device)
+            current = self.randomness
+            if current is None or (current.rank, current.device) != (self.global_rank, device):
+                # A second fit continues the stream; a new rank or device starts its own.
+                self.randomness = RankRandomness(self.seed, rank=self.global_rank, device=device)
 
-        def forward(self, *batch) -> torch.Tensor:
-            """The masked loss of ``batch``, with this rank's masks."""
+        def forward(self, *args, **kwargs) -> torch.Tensor:
+            """The masked loss of the model's arguments, with this rank's masks."""
             if self.randomness is None:
-                self.setup("fit")
+                self.randomness = RankRandomness(self.seed)
             with self.randomness:
-                return self.loss_fn(*batch)
+                return self.loss_fn(*args, **kwargs)
 
         def training_step(self, batch, batch_idx: int) -> torch.Tensor:
             """The loss of this rank's part of the global batch, logged as ``train_loss``."""
-            loss = self(*batch)
+            # A batch is the model's arguments: a tuple (TensorDataset), a dict of keyword
+            # arguments, or one tensor.
+            if isinstance(batch, (tuple, list)):
+                loss = self(*batch)
+            elif isinstance(batch, dict):
+                loss = self(**batch)
+            else:
+                loss = self(batch)
             self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=_size(batch))
             return loss
 
@@ -497,8 +507,11 @@ def _make_lightning_module(lightning) -> type:
 
 
 def _size(batch) -> int:
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0] if batch else None
+    elif isinstance(batch, dict):
+        batch = next(iter(batch.values()), None)
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() else 1
 
 
 _lazy: dict = {}

@@ -590,3 +590,36 @@ def test_rank_randomness_draws_cuda_masks_from_its_own_stream():
     torch.testing.assert_close(first, again)
     assert not torch.allclose(first, other)
     assert first.device.type == "cuda"
+
+
+# Lightning 2.6 calls torch's pytree API in a way torch 2.13 deprecates.
+@pytest.mark.filterwarnings(
+    "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"
+)
+def test_lightning_module_trains_on_tensor_batches_with_rank_zero_masks(module_local_params):
+    import lightning
+
+    from pyro_masked.distributed import MaskedLightningModule
+
+    loss_fn, data = make_problem("ppca")
+    plan = MaskedLightningModule(loss_fn, lr=STEPS_LR, seed=SEED)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(plan, train_dataloaders=DataLoader(data, batch_size=LOCAL_BATCH))
+    expected_fn, _ = make_problem("ppca")
+    optimizer = torch.optim.Adam(expected_fn.parameters(), lr=STEPS_LR)
+    stream = RankRandomness(SEED, rank=0)
+    for batch in data.split(LOCAL_BATCH):
+        optimizer.zero_grad()
+        with stream:
+            loss = expected_fn(batch)
+        loss.backward()
+        optimizer.step()
+    assert_parameters_close(parameters_of(loss_fn), parameters_of(expected_fn))

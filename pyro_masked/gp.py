@@ -28,8 +28,8 @@ entries of the global param store and the store is left as it was. For a hand-wr
 :class:`~pyro.infer.SVI` loop with the global param store, Pyro's rule for plain torch
 submodules of a :class:`~pyro.nn.PyroModule` applies: reading ``self.kernel`` inside
 ``model()`` registers it with :func:`pyro.module` under the module's name (``"kernel"`` and
-``"mean"`` for a top-level module), so Pyro's optimizers see its parameters; give each model a
-distinct ``name`` or clear the param store between models.
+``"mean_function"`` for a top-level module), so Pyro's optimizers see its parameters; give
+each model a distinct ``name`` or clear the param store between models.
 
 *Normalisation.* Pyro losses are sums over data points: :func:`fit` records the negative ELBO
 (the negative log evidence, or its masked estimate) of the whole data set, not a per-point mean
@@ -46,25 +46,31 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Mapping, Optional
+import warnings
+from typing import Callable, Mapping, Optional, Union
 
 import gpytorch
 import pyro
 import pyro.distributions as dist
 import torch
 from linear_operator.operators import DenseLinearOperator
-from linear_operator.utils.cholesky import psd_safe_cholesky
-from linear_operator.utils.errors import NanError, NotPSDError
 from pyro.distributions import constraints
-from pyro.infer import Trace_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.nn import PyroModule, PyroParam, PyroSample, pyro_method
 from tqdm import tqdm
 
+from pyro_masked.gpytorch import (
+    RandomMasksUnderDeterministicOptimizerWarning,
+    deterministic_num_masks,
+)
 from pyro_masked.infer import MaskedELBO
+from pyro_masked.linalg import cholesky
 from pyro_masked.masks import MaskLike
 from pyro_masked.scoring import NumMasks
+from pyro_masked.util import private_generator
 
 __all__ = ["GPRegression", "fit"]
 
@@ -82,24 +88,51 @@ class _GPTargetDistribution(gpytorch.distributions.MultivariateNormal):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         covariance = self.lazy_covariance_matrix.to_dense()
-        factor = _cholesky(covariance, "the covariance of the targets y")
+        factor = _target_cholesky(covariance)
         residual = (value - self.loc).unsqueeze(-1)
         whitened = torch.linalg.solve_triangular(factor, residual, upper=False).squeeze(-1)
         half_log_det = torch.diagonal(factor, dim1=-2, dim2=-1).log().sum(-1)
         return -0.5 * whitened.square().sum(-1) - half_log_det - 0.5 * value.shape[-1] * _LOG_2PI
 
 
-def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
-    try:
-        return psd_safe_cholesky(matrix)
-    except NanError as error:
-        raise ValueError(f"{what} contains NaN: the hyperparameters are not finite") from error
-    except NotPSDError as error:
-        raise ValueError(
-            f"{what} is not positive definite even after adding jitter: the inputs X make the "
-            "kernel matrix singular and the noise is too small to regularise it "
-            f"(duplicate inputs without noise?). ({error})"
-        ) from error
+_TARGET_COVARIANCE = "the GP's covariance of the targets y"
+
+
+def _check_noise(noise, X: torch.Tensor) -> torch.Tensor:
+    """The initial noise variance as a tensor of ``X``'s dtype and device (a copy)."""
+    if noise is None:
+        return torch.tensor(1.0, dtype=X.dtype, device=X.device)
+    if isinstance(noise, torch.Tensor):
+        if noise.numel() != 1:
+            raise ValueError(f"noise must be a scalar, got a tensor of shape {tuple(noise.shape)}")
+        value = noise.detach().reshape(()).to(dtype=X.dtype, device=X.device).clone()
+    elif isinstance(noise, (int, float)) and not isinstance(noise, bool):
+        value = torch.tensor(float(noise), dtype=X.dtype, device=X.device)
+    else:
+        raise TypeError(f"noise must be a positive number or scalar tensor, got {noise!r}")
+    if not (torch.isfinite(value) and value > 0):
+        raise ValueError(f"noise must be a positive number, got {noise!r}")
+    return value
+
+
+def _init_to_current_values(site: dict, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """An autoguide ``init_loc_fn``: a hyperparameter's site starts at its value when the model
+    was built. Sites are matched by the key of ``priors`` at the end of their name, since the
+    module's name prefix is known only once it runs."""
+    for key, value in values.items():
+        if site["name"] == key or site["name"].endswith("." + key):
+            return value
+    raise KeyError(f"no initial value for the site {site['name']!r}")
+
+
+_SINGULAR_HINT = (
+    "The inputs X make the kernel matrix singular and the noise is too small to regularise it "
+    "(duplicate inputs without noise?)."
+)
+
+
+def _target_cholesky(covariance: torch.Tensor) -> torch.Tensor:
+    return cholesky(covariance, what=_TARGET_COVARIANCE, hint=_SINGULAR_HINT)
 
 
 class _DenseKernel(torch.nn.Module):
@@ -150,27 +183,44 @@ class GPRegression(PyroModule):
     :class:`~pyro_masked.MaskedELBO` its masked estimate (leave-:math:`p`-out
     cross-validation over data points, every :math:`p` for ``mask="cumulative"``).
 
+    The signature is :class:`pyro.contrib.gp.models.GPRegression`'s
+    (``X, y, kernel, noise=None, mean_function=None, jitter=1e-6``), with these differences:
+
+    - ``kernel`` is a GPyTorch kernel, not a ``pyro.contrib.gp`` one (the package is for
+      GPyTorch's kernels; a ``pyro.contrib.gp`` model can be masked as it is, with
+      :class:`~pyro_masked.MaskedELBO`);
+    - ``y`` is required and has shape ``(N,)``: the masked objective needs observations, and
+      several outputs would share one permutation of the data points (fit them separately);
+    - priors are given as ``priors=`` (below), not by assigning ``PyroSample`` attributes, so
+      that they apply to GPyTorch's constrained hyperparameters.
+
     Example::
 
         kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-        gp = GPRegression(X, y, kernel, noise=0.1)
-        losses = fit(gp, objective="masked", num_steps=300, lr=0.05, seed=0)
+        gp = GPRegression(X, y, kernel, noise=torch.tensor(0.1))
+        losses = fit(gp, objective="masked", num_steps=300, lr=0.05)
         mean, var = gp(Xnew, noiseless=False)
 
     :param X: inputs, shape ``(N,)`` or ``(N, d)``; a 1-D tensor is one input dimension.
     :param y: targets, shape ``(N,)``.
     :param kernel: any :class:`gpytorch.kernels.Kernel` (scaled, sums, products, ARD).
-    :param mean: a :class:`gpytorch.means.Mean`; ``None`` is the zero mean.
-    :param noise: initial variance :math:`\\sigma^2` of the Gaussian noise (positive; learned).
+    :param noise: initial variance :math:`\\sigma^2` of the Gaussian noise, a positive number
+        or scalar tensor (learned); ``None`` is 1, as in Pyro.
+    :param mean_function: a :class:`gpytorch.means.Mean`, any other :class:`torch.nn.Module`
+        or callable mapping ``X`` of shape ``(N, d)`` to shape ``(N,)``, or ``None`` (the zero
+        mean). Priors on its hyperparameters need a module.
     :param jitter: added to the diagonal for numerical stability, not learned.
     :param priors: optional priors on hyperparameters, keyed by ``"noise"`` or the dotted name of
-        a GPyTorch hyperparameter under ``"kernel."`` or ``"mean."`` (the constrained name, e.g.
-        ``"kernel.base_kernel.lengthscale"``, ``"kernel.outputscale"``, ``"mean.constant"``).
-        A scalar prior is expanded to the hyperparameter's shape. Hyperparameters with priors
-        become latent sample sites of the same names, handled by the guide.
+        a GPyTorch hyperparameter under ``"kernel."`` or ``"mean_function."`` (the constrained
+        name, e.g. ``"kernel.base_kernel.lengthscale"``, ``"kernel.outputscale"``,
+        ``"mean_function.constant"``). A scalar prior is expanded to the hyperparameter's shape.
+        Hyperparameters with priors become latent sample sites of the same names, handled by
+        the guide, which starts at their current values (``noise`` and the kernel's and mean's
+        values when the model is built).
     :param guide: ``"delta"`` (:class:`~pyro.infer.autoguide.AutoDelta`: MAP) or ``"normal"``
         (:class:`~pyro.infer.autoguide.AutoNormal`: a posterior over the hyperparameters with
-        priors). Unused without priors.
+        priors). Unused without priors. Its parameters exist from construction on, so
+        ``state_dict()`` of a trained model loads (strictly) into a freshly built one.
     :param name: the module's name, the prefix of its sites and parameters.
     """
 
@@ -179,9 +229,10 @@ class GPRegression(PyroModule):
         X: torch.Tensor,
         y: torch.Tensor,
         kernel: gpytorch.kernels.Kernel,
-        mean: Optional[gpytorch.means.Mean] = None,
-        noise: float = 1.0,
+        noise: Union[float, torch.Tensor, None] = None,
+        mean_function: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         jitter: float = 1e-6,
+        *,
         priors: Optional[Mapping[str, dist.Distribution]] = None,
         guide: str = "delta",
         name: str = "",
@@ -191,38 +242,63 @@ class GPRegression(PyroModule):
             raise TypeError(
                 f"kernel must be a gpytorch.kernels.Kernel, got {type(kernel).__name__}"
             )
-        if mean is None:
-            mean = gpytorch.means.ZeroMean()
-        if not isinstance(mean, gpytorch.means.Mean):
-            raise TypeError(f"mean must be a gpytorch.means.Mean, got {type(mean).__name__}")
-        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise > 0:
-            raise ValueError(f"noise must be a positive number, got {noise!r}")
-        if not isinstance(jitter, (int, float)) or not jitter >= 0:
+        if mean_function is None:
+            mean_function = gpytorch.means.ZeroMean()
+        if not callable(mean_function):
+            raise TypeError(
+                f"mean_function must be a gpytorch.means.Mean or a callable, got "
+                f"{type(mean_function).__name__}"
+            )
+        if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or not jitter >= 0:
             raise ValueError(f"jitter must be a non-negative number, got {jitter!r}")
         if guide not in ("delta", "normal"):
             raise ValueError(f"guide must be 'delta' or 'normal', got {guide!r}")
         X = _check_inputs(X, "X")
+        initial_noise = _check_noise(noise, X)
         self.X = X
         self.y = _check_targets(y, X.shape[0])
         self.kernel = kernel
-        self.mean = mean
+        self.mean_function = mean_function
         self.jitter = float(jitter)
         priors = dict(priors or {})
         noise_prior = priors.pop("noise", None)
         if noise_prior is None:
-            self.noise = PyroParam(
-                torch.tensor(float(noise), dtype=X.dtype, device=X.device),
-                constraint=constraints.positive,
-            )
+            self.noise = PyroParam(initial_noise, constraint=constraints.positive)
         else:
+            if not isinstance(noise_prior, dist.Distribution):
+                raise TypeError("priors['noise'] must be a Pyro distribution")
             self.noise = PyroSample(noise_prior)
         self._hyperpriors = {
             key: self._locate_hyperparameter(key, prior) for key, prior in priors.items()
         }
         self._has_priors = noise_prior is not None or bool(self._hyperpriors)
         if self._has_priors:
+            initial = dict(self._current_values())
+            if noise_prior is not None:
+                initial["noise"] = initial_noise
             guide_class = AutoDelta if guide == "delta" else AutoNormal
-            self.autoguide = guide_class(self.model)
+            init_loc_fn = functools.partial(_init_to_current_values, values=initial)
+            self.autoguide = guide_class(self.model, init_loc_fn=init_loc_fn)
+            self._create_guide_parameters()
+
+    def _current_values(self):
+        """``(key, constrained value)`` of each hyperparameter with a prior, as it is now."""
+        for key in self._hyperpriors:
+            owner_path, _, attribute = key.rpartition(".")
+            yield key, getattr(self.get_submodule(owner_path), attribute).detach().clone()
+
+    def _create_guide_parameters(self) -> None:
+        """Run the autoguide once, so that its parameters exist (and are in ``state_dict``).
+
+        An autoguide creates its parameters on its first call, which traces the model and, for
+        :class:`~pyro.infer.autoguide.AutoNormal`, draws a sample. The draws come from the
+        global generator of the data's device, whose state is restored afterwards; the param
+        store is left as it was.
+        """
+        devices = [self.X.device] if self.X.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
+            with torch.no_grad():
+                self.autoguide()
 
     # -- hyperparameters with priors ---------------------------------------------------------
 
@@ -231,9 +307,16 @@ class GPRegression(PyroModule):
         if not isinstance(prior, dist.Distribution):
             raise TypeError(f"priors[{key!r}] must be a Pyro distribution")
         owner_path, _, attribute = key.rpartition(".")
-        if owner_path.split(".")[0] not in ("kernel", "mean"):
+        if owner_path.split(".")[0] not in ("kernel", "mean_function"):
             raise ValueError(
-                f"priors key {key!r} must be 'noise' or start with 'kernel.' or 'mean.'"
+                f"priors key {key!r} must be 'noise' or start with 'kernel.' or 'mean_function.'"
+            )
+        if owner_path.split(".")[0] == "mean_function" and not isinstance(
+            self.mean_function, torch.nn.Module
+        ):
+            raise ValueError(
+                f"priors key {key!r}: the mean function is a plain callable without "
+                "hyperparameters; a prior needs a gpytorch.means.Mean or another torch.nn.Module"
             )
         try:
             owner = self.get_submodule(owner_path)
@@ -263,7 +346,7 @@ class GPRegression(PyroModule):
 
     def _sample_hyperparameters(self) -> dict[str, dict[str, torch.Tensor]]:
         """Sample each hyperparameter with a prior; return raw overrides per submodule."""
-        overrides: dict[str, dict[str, torch.Tensor]] = {"kernel": {}, "mean": {}}
+        overrides: dict[str, dict[str, torch.Tensor]] = {"kernel": {}, "mean_function": {}}
         for key, ((module, raw_path), to_raw, prior) in self._hyperpriors.items():
             value = pyro.sample(self._pyro_get_fullname(key), prior)
             overrides[module][raw_path] = to_raw(value)
@@ -271,7 +354,7 @@ class GPRegression(PyroModule):
 
     def _median_hyperparameters(self) -> dict[str, dict[str, torch.Tensor]]:
         """Raw overrides at the guide's median (the point estimate used for prediction)."""
-        overrides: dict[str, dict[str, torch.Tensor]] = {"kernel": {}, "mean": {}}
+        overrides: dict[str, dict[str, torch.Tensor]] = {"kernel": {}, "mean_function": {}}
         if not self._hyperpriors:
             return overrides
         median = self.autoguide.median()
@@ -292,7 +375,9 @@ class GPRegression(PyroModule):
         return torch.func.functional_call(evaluator, renamed, (x1, x2, diag))
 
     def _mean(self, x, overrides) -> torch.Tensor:
-        return torch.func.functional_call(self.mean, overrides["mean"], (x,))
+        if not isinstance(self.mean_function, torch.nn.Module):
+            return self.mean_function(x)
+        return torch.func.functional_call(self.mean_function, overrides["mean_function"], (x,))
 
     def _target_covariance(self, overrides, noise) -> torch.Tensor:
         covariance = self._kernel(self.X, self.X, overrides)
@@ -349,9 +434,7 @@ class GPRegression(PyroModule):
         with pyro.get_param_store().scope():
             overrides = self._median_hyperparameters()
             noise = self._noise_value(use_median=True)
-            factor = _cholesky(
-                self._target_covariance(overrides, noise), "the covariance of the targets y"
-            )
+            factor = _target_cholesky(self._target_covariance(overrides, noise))
             residual = (self.y - self._mean(self.X, overrides)).unsqueeze(-1)
             weights = torch.cholesky_solve(residual, factor).squeeze(-1)
             cross = self._kernel(self.X, Xnew, overrides)  # (N, M)
@@ -383,7 +466,7 @@ def fit(
     gp: GPRegression,
     objective: str = "masked",
     mask: MaskLike = "cumulative",
-    num_masks: NumMasks = 1,
+    num_masks: Optional[NumMasks] = None,
     num_steps: int = 1000,
     lr: float = 0.01,
     lr_decay: float = 1.0,
@@ -400,44 +483,62 @@ def fit(
 
     - ``objective="masked"``: the negative :class:`~pyro_masked.MaskedELBO` with the given
       ``mask`` and ``num_masks`` (``mask="cumulative"``: an unbiased estimate of the negative
-      log evidence; new random masks every step);
+      log evidence);
     - ``objective="exact"``: the negative :class:`~pyro.infer.Trace_ELBO`, i.e. the exact
       negative log evidence :math:`-\\log p(y \\mid X)` (plus the prior and guide terms for
       hyperparameters with priors: MAP with ``guide="delta"``).
 
-    Losses are sums over the data points (Pyro's convention), not means.
+    Losses are sums over the data points (Pyro's convention), not means as GPyTorch's
+    marginal log likelihoods (:class:`~pyro_masked.MaskedMarginalLogLikelihood`) report.
 
-    A step whose loss or gradients are not finite raises ``FloatingPointError`` before the
-    optimizer touches anything, and a step that would make a parameter non-finite is undone
-    (parameters and optimizer state restored) before raising, so a failed step never leaves
-    the hyperparameters half-updated.
+    ``seed`` means what it means for :class:`~pyro_masked.MaskedMarginalLogLikelihood`:
+
+    - ``seed=None`` (random masks): every step draws new masks from torch's global generator
+      (call ``pyro.set_rng_seed`` first for a reproducible run), one permutation per step by
+      default, for a stochastic optimizer such as the default :class:`torch.optim.Adam`.
+    - ``seed`` an int (deterministic mode): every evaluation scores the same masks, drawn from
+      a private :class:`torch.Generator` seeded by ``seed`` (the global generators are neither
+      read nor reseeded), averaging
+      :func:`~pyro_masked.gpytorch.deterministic_num_masks` ``(N)`` permutations by default:
+      a fixed objective, as :class:`torch.optim.LBFGS` needs. The draws of ``guide="normal"``
+      are still random; use ``guide="delta"`` with a deterministic optimizer.
+
+    Every optimizer is stepped with a closure (``optimizer.step(closure)``), so
+    :class:`torch.optim.LBFGS` works, e.g. ``fit(gp, optimizer=torch.optim.LBFGS, lr=1.0,
+    num_steps=5, seed=0)`` (each step runs L-BFGS's ``max_iter`` iterations). The random-mask
+    objective under L-BFGS warns with
+    :class:`~pyro_masked.gpytorch.RandomMasksUnderDeterministicOptimizerWarning`. For anything
+    else (another loop, Pyro's ``SVI`` or ``pyro.contrib.gp.util.train``), use ``gp.model`` and
+    ``gp.guide`` with :class:`~pyro_masked.MaskedELBO` directly.
+
+    A step whose loss or gradients are not finite, or whose factorization fails, raises
+    (``FloatingPointError``, :class:`~pyro_masked.linalg.NotPositiveDefiniteError`) after
+    restoring the parameters and the optimizer's state as they were before the step, so a
+    failed step never leaves the hyperparameters half-updated.
 
     :param gp: the model.
     :param objective: ``"masked"`` or ``"exact"``.
     :param mask: the mask schedule of the masked objective
         (see :func:`~pyro_masked.masked_log_prob`).
-    :param num_masks: random permutations averaged per step.
+    :param num_masks: permutations averaged per evaluation, or ``None``: 1 with random masks,
+        :func:`~pyro_masked.gpytorch.deterministic_num_masks` ``(N)`` with a ``seed``.
     :param num_steps: optimizer steps.
     :param lr: the initial learning rate.
     :param lr_decay: the final learning rate over the initial one, reached by exponential decay
         (``1.0``: constant). Decaying it averages out the noise of random masks at the end.
     :param optimizer: a torch optimizer class (default :class:`torch.optim.Adam`), called as
         ``optimizer(params, lr=lr)``.
-    :param seed: seeds torch's (and Pyro's) generators before training, for reproducible masks.
+    :param seed: an int for the deterministic mode (fixed masks), or ``None`` for random masks.
     :param progress: show a tqdm progress bar.
     :param history: a list the loss of each step is appended to as training runs (early access
         from another thread or a callback); a new list is used when omitted.
     :param callback: called as ``callback(step, loss)`` after each step.
     :param num_particles: ELBO particles (matters with ``guide="normal"``).
-    :returns: the list of losses, one per step.
+    :returns: the list of losses, one per step (for L-BFGS, the loss at the step's start).
     """
     if not isinstance(gp, GPRegression):
         raise TypeError(f"gp must be a GPRegression, got {type(gp).__name__}")
-    if objective == "masked":
-        elbo = MaskedELBO(mask=mask, num_masks=num_masks, num_particles=num_particles)
-    elif objective == "exact":
-        elbo = Trace_ELBO(num_particles=num_particles)
-    else:
+    if objective not in ("masked", "exact"):
         raise ValueError(f"objective must be 'masked' or 'exact', got {objective!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
@@ -445,26 +546,49 @@ def fit(
         raise ValueError(f"lr must be positive, got {lr!r}")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if num_masks is None:
+        num_masks = 1 if seed is None else deterministic_num_masks(gp.X.shape[0])
+
+    def make_elbo() -> ELBO:
+        if objective == "exact":
+            return Trace_ELBO(num_particles=num_particles)
+        # The deterministic mode re-seeds a private generator for every evaluation.
+        generator = None if seed is None else private_generator(seed, gp.X.device)
+        return MaskedELBO(
+            num_particles=num_particles, mask=mask, num_masks=num_masks, generator=generator
+        )
+
+    make_elbo()  # validates mask, num_masks and num_particles before anything runs
     history = [] if history is None else history
     with pyro.get_param_store().scope():
-        gp.guide()  # an autoguide creates its parameters on the first call
         params = [p for p in gp.parameters() if p.requires_grad]
         optim = (optimizer or torch.optim.Adam)(params, lr=lr)
+        if objective == "masked" and seed is None and isinstance(optim, torch.optim.LBFGS):
+            warnings.warn(
+                "fit(objective='masked', seed=None) draws new masks at every evaluation, but "
+                "L-BFGS assumes a fixed objective: pass seed=0 (or any int) for the "
+                "deterministic mode",
+                RandomMasksUnderDeterministicOptimizerWarning,
+                stacklevel=2,
+            )
         bar = tqdm(range(num_steps), desc=f"fit ({objective})", disable=not progress)
         for step in bar:
             for group in optim.param_groups:
                 group["lr"] = lr * lr_decay ** (step / max(1, num_steps - 1))
-            optim.zero_grad()
-            loss = elbo.differentiable_loss(gp.model, gp.guide)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
-            loss.backward()
-            if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
-                raise FloatingPointError(f"step {step}: non-finite gradients")
-            _guarded_step(optim, params, step)
-            value = loss.item()
+
+            def closure(step: int = step) -> torch.Tensor:
+                optim.zero_grad()
+                loss = make_elbo().differentiable_loss(gp.model, gp.guide)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
+                loss.backward()
+                if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+                    raise FloatingPointError(f"step {step}: non-finite gradients")
+                return loss.detach()
+
+            value = float(_guarded_step(optim, params, closure, step))
             history.append(value)
             bar.set_postfix(loss=f"{value:.4g}")
             if callback is not None:
@@ -472,19 +596,29 @@ def fit(
     return history
 
 
-def _guarded_step(optim: torch.optim.Optimizer, params: list, step: int) -> None:
-    """``optim.step()``, undone if it leaves a parameter non-finite."""
+def _guarded_step(
+    optim: torch.optim.Optimizer, params: list, closure: Callable[[], torch.Tensor], step: int
+) -> torch.Tensor:
+    """``optim.step(closure)``, undone if it raises or leaves a parameter non-finite."""
     saved_params = [p.detach().clone() for p in params]
     saved_state = {
         key: {name: (v.clone() if isinstance(v, torch.Tensor) else v) for name, v in state.items()}
         for key, state in optim.state.items()
     }
-    optim.step()
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params):
+                p.copy_(saved)
+        optim.state.clear()
+        optim.state.update(saved_state)
+
+    try:
+        loss = optim.step(closure)
+    except BaseException:
+        restore()
+        raise
     if all(torch.isfinite(p).all() for p in params):
-        return
-    with torch.no_grad():
-        for p, saved in zip(params, saved_params):
-            p.copy_(saved)
-    optim.state.clear()
-    optim.state.update(saved_state)
+        return loss
+    restore()
     raise FloatingPointError(f"step {step}: the update made a parameter non-finite; undone")

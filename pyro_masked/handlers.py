@@ -24,6 +24,7 @@ from pyro_masked.scoring import (
     is_supported,
     masked_event_size,
 )
+from pyro_masked.util import check_generator, check_mask_groups, check_sites
 
 __all__ = ["MaskedMessenger", "MaskedScore", "masked"]
 
@@ -35,6 +36,11 @@ class MaskedScore(TorchDistribution):
     :param schedule: the mask schedule.
     :param num_masks: permutations averaged, or ``"all"``.
     :param site: the site's name, for error messages.
+    :param mask_groups: ``None`` (vectors sharing a covariance share the permutations) or the
+        number of groups with independent permutations; see
+        :func:`~pyro_masked.masked_log_prob`.
+    :param generator: the :class:`torch.Generator` the permutations come from (``None``: the
+        global one).
     """
 
     arg_constraints = {}
@@ -45,11 +51,16 @@ class MaskedScore(TorchDistribution):
         schedule: MaskSchedule,
         num_masks: NumMasks,
         site: str = "?",
+        *,
+        mask_groups: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
     ):
         self.base_dist = base
         self.schedule = schedule
         self.num_masks = num_masks
         self.site = site
+        self.mask_groups = mask_groups
+        self.generator = generator
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
     @property
@@ -76,14 +87,31 @@ class MaskedScore(TorchDistribution):
 
     def expand(self, batch_shape, _instance=None) -> MaskedScore:
         return MaskedScore(
-            self.base_dist.expand(batch_shape), self.schedule, self.num_masks, self.site
+            self.base_dist.expand(batch_shape),
+            self.schedule,
+            self.num_masks,
+            self.site,
+            mask_groups=self.mask_groups,
+            generator=self.generator,
         )
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         try:
-            return _masked_log_prob(self.base_dist, value, self.schedule, self.num_masks)
+            return _masked_log_prob(
+                self.base_dist,
+                value,
+                self.schedule,
+                self.num_masks,
+                self.mask_groups,
+                self.generator,
+            )
         except (ValueError, TypeError) as error:
-            raise type(error)(f"masked site '{self.site}': {error}") from error
+            if type(error) in (ValueError, TypeError):
+                raise type(error)(f"masked site '{self.site}': {error}") from error
+            # A subclass (e.g. linear_operator's NotPSDError, which callers catch by type) may
+            # have another constructor: keep the exception and add the site as a note.
+            error.add_note(f"raised while scoring masked site '{self.site}'")
+            raise
 
 
 class MaskedMessenger(Messenger):
@@ -93,6 +121,9 @@ class MaskedMessenger(Messenger):
         :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site, or ``"all"``.
     :param sites: names of the observed sites to mask; ``None`` masks every observed site.
+    :param mask_groups: (keyword only) ``None`` or the number of groups of vectors with
+        independent permutations; see :func:`~pyro_masked.masked_log_prob`.
+    :param generator: (keyword only) the :class:`torch.Generator` the permutations come from.
     """
 
     def __init__(
@@ -100,13 +131,17 @@ class MaskedMessenger(Messenger):
         mask: MaskLike = "cumulative",
         num_masks: NumMasks = 1,
         sites: Optional[Iterable[str]] = None,
+        *,
+        mask_groups: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
     ):
         super().__init__()
         self.schedule = as_schedule(mask)
         self.num_masks = check_num_masks(num_masks)
-        if isinstance(sites, str):
-            raise TypeError(f"sites must be a list of site names, got the string {sites!r}")
+        sites = check_sites(sites)
         self.sites = None if sites is None else frozenset(sites)
+        self.mask_groups = check_mask_groups(mask_groups)
+        self.generator = check_generator(generator)
         self._seen: set[str] = set()
 
     def __enter__(self):
@@ -152,7 +187,14 @@ class MaskedMessenger(Messenger):
                 self.schedule.validate(event_size)
             except ValueError as error:
                 raise ValueError(f"observed site '{name}': {error}") from error
-        msg["fn"] = MaskedScore(fn, self.schedule, self.num_masks, name)
+        msg["fn"] = MaskedScore(
+            fn,
+            self.schedule,
+            self.num_masks,
+            name,
+            mask_groups=self.mask_groups,
+            generator=self.generator,
+        )
         # The site's ordinary distribution, for whoever reads the trace (the diagnostics).
         msg["infer"] = dict(msg["infer"], unmasked_fn=fn)
 
@@ -162,6 +204,9 @@ def masked(
     mask: MaskLike = "cumulative",
     num_masks: NumMasks = 1,
     sites: Optional[Iterable[str]] = None,
+    *,
+    mask_groups: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ):
     """Effect handler: the model with its observed sites scored by masked pre-training.
 
@@ -179,6 +224,15 @@ def masked(
         :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site, or ``"all"``.
     :param sites: names of the observed sites to mask; ``None`` masks every observed site.
+    :param mask_groups: (keyword only) ``None`` or the number of groups of vectors with
+        independent permutations; see :func:`~pyro_masked.masked_log_prob`.
+    :param generator: (keyword only) the :class:`torch.Generator` the permutations come from.
     """
-    messenger = MaskedMessenger(mask=mask, num_masks=num_masks, sites=sites)
+    messenger = MaskedMessenger(
+        mask=mask,
+        num_masks=num_masks,
+        sites=sites,
+        mask_groups=mask_groups,
+        generator=generator,
+    )
     return messenger(fn) if fn is not None else messenger

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_masked.handlers import masked
 from pyro_masked.integrate import Integration, check_integrate, check_num_samples
 from pyro_masked.masks import MaskLike, as_schedule
 from pyro_masked.scoring import NumMasks, check_num_masks
+from pyro_masked.util import check_generator, check_mask_groups, check_sites
 
 __all__ = ["MaskedELBO"]
 
@@ -44,18 +46,27 @@ class MaskedELBO(Trace_ELBO):
 
     or as a module for a plain PyTorch loop: ``loss_fn = MaskedELBO()(model, guide)``.
 
+    The positional arguments are :class:`~pyro.infer.Trace_ELBO`'s, in its order
+    (``MaskedELBO(4)`` averages 4 particles, as ``Trace_ELBO(4)`` does); the masking arguments
+    are keyword only.
+
     :param mask: ``"cumulative"`` (every mask size; unbiased), an int mask size, a float rate
         in ``(0, 1)`` or a :class:`~pyro_masked.masks.MaskSchedule`.
     :param num_masks: random permutations averaged per site and particle, or ``"all"`` (the
         exact expectation over masks, for small events).
-    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
-        Sites not chosen keep their ordinary ``log_prob``.
-    :param integrate: names of local latent sites to integrate out of the masked score
-        (keyword only). Each is given ``num_samples`` values per data point in a new batch
-        dimension left of every plate: samples from the guide's distribution at that site (the
-        proposal :math:`q`), or from the prior where the guide has no such site; a discrete site
-        with enumerable support is enumerated exactly instead. The observed site that depends on
-        them (its distribution must factorize over the event given them, e.g.
+    :param sites: names of the observed sites to mask; ``None`` masks every observed site
+        that has something to mask. Sites not chosen keep their ordinary ``log_prob``.
+    :param mask_groups: ``None`` (default): the vectors of a site that share a covariance share
+        the permutations of a step. An int ``G``: they are split into ``G`` groups with
+        independent permutations; see :func:`~pyro_masked.masked_log_prob`.
+    :param generator: the :class:`torch.Generator` the permutations are drawn from; ``None``
+        uses torch's global generator (``pyro.set_rng_seed`` applies).
+    :param integrate: names of local latent sites to integrate out of the masked score. Each
+        is given ``num_samples`` values per data point in a new batch dimension left of every
+        plate: samples from the guide's distribution at that site (the proposal :math:`q`), or
+        from the prior where the guide has no such site; a discrete site with enumerable
+        support is enumerated exactly instead. The observed site that depends on them
+        (its distribution must factorize over the event given them, e.g.
         ``Bernoulli(logits=...).to_event(1)``) is scored by the self-normalised importance
         sampled masked predictive of :mod:`pyro_masked.conditionals.latent`, computed for every
         mask size at :math:`O(K D^2)` per data point; the integrated sites' own
@@ -70,9 +81,7 @@ class MaskedELBO(Trace_ELBO):
         :math:`\\log p` keeps its gradient). An observed site that depends on the integrated
         latents but is not masked (``sites``) is scored by that importance-weighted
         :math:`\\log p(x)`.
-    :param num_samples: :math:`K`, the importance samples per data point (keyword only).
-
-    The remaining arguments are :class:`~pyro.infer.Trace_ELBO`'s.
+    :param num_samples: :math:`K`, the importance samples per data point.
 
     Example, a latent-variable model trained by masking with its latent ``z`` integrated out by
     256 samples from the prior (an empty guide)::
@@ -90,11 +99,9 @@ class MaskedELBO(Trace_ELBO):
 
     def __init__(
         self,
-        mask: MaskLike = "cumulative",
-        num_masks: NumMasks = 1,
-        sites: Optional[Iterable[str]] = None,
         num_particles: int = 1,
         max_plate_nesting: float = math.inf,
+        max_iarange_nesting=None,
         vectorize_particles: bool = False,
         strict_enumeration_warning: bool = True,
         ignore_jit_warnings: bool = False,
@@ -102,14 +109,19 @@ class MaskedELBO(Trace_ELBO):
         retain_graph=None,
         tail_adaptive_beta: float = -1.0,
         *,
+        mask: MaskLike = "cumulative",
+        num_masks: NumMasks = 1,
+        sites: Optional[Iterable[str]] = None,
+        mask_groups: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
         integrate: Optional[Iterable[str]] = None,
         num_samples: int = 1,
     ):
         self.mask = as_schedule(mask)
         self.num_masks = check_num_masks(num_masks)
-        if isinstance(sites, str):
-            raise TypeError(f"sites must be a list of site names, got the string {sites!r}")
-        self.sites = None if sites is None else tuple(sites)
+        self.sites = check_sites(sites)
+        self.mask_groups = check_mask_groups(mask_groups)
+        self.generator = check_generator(generator)
         self.integrate = check_integrate(integrate)
         self.num_samples = check_num_samples(num_samples)
         if self.num_samples != 1 and not self.integrate:
@@ -120,6 +132,7 @@ class MaskedELBO(Trace_ELBO):
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
+            max_iarange_nesting=max_iarange_nesting,
             vectorize_particles=vectorize_particles,
             strict_enumeration_warning=strict_enumeration_warning,
             ignore_jit_warnings=ignore_jit_warnings,
@@ -129,7 +142,14 @@ class MaskedELBO(Trace_ELBO):
         )
 
     def _get_trace(self, model, guide, args, kwargs):
-        masked_model = masked(model, mask=self.mask, num_masks=self.num_masks, sites=self.sites)
+        masked_model = masked(
+            model,
+            mask=self.mask,
+            num_masks=self.num_masks,
+            sites=self.sites,
+            mask_groups=self.mask_groups,
+            generator=self.generator,
+        )
         if not self.integrate:
             return super()._get_trace(masked_model, guide, args, kwargs)
         if self.max_plate_nesting == math.inf:

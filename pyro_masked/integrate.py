@@ -30,23 +30,14 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro_masked.conditionals.latent import latent_masked_score
 from pyro_masked.handlers import MaskedScore
 from pyro_masked.scoring import all_finite
+from pyro_masked.util import check_sites
 
 __all__ = ["Integration", "IntegratedObservation", "check_integrate", "check_num_samples"]
 
 
 def check_integrate(integrate: Optional[Iterable[str]]) -> tuple[str, ...]:
     """Validate the ``integrate`` argument: a sequence of site names."""
-    if integrate is None:
-        return ()
-    if isinstance(integrate, str):
-        raise TypeError(
-            f"integrate must be a sequence of site names, got the string {integrate!r}; "
-            f"write integrate=({integrate!r},)"
-        )
-    names = tuple(integrate)
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"integrate must contain site names (str), got {name!r}")
+    names = check_sites(integrate, argument="integrate") or ()
     if len(set(names)) != len(names):
         raise ValueError(f"integrate={names} names a site twice")
     return names
@@ -121,17 +112,20 @@ class IntegratedObservation(TorchDistribution):
         :math:`\\log p(x)`.
     :param num_masks: permutations averaged, or ``"all"``.
     :param site: the site's name, for error messages.
+    :param generator: the :class:`torch.Generator` the permutations are drawn from (``None``:
+        torch's global one).
     """
 
     arg_constraints = {}
 
-    def __init__(self, base, log_weights, schedule, num_masks, site: str):
+    def __init__(self, base, log_weights, schedule, num_masks, site: str, generator=None):
         self.base_dist = base
         self.coordinates = coordinate_distribution(base, site)
         self.log_weights = log_weights
         self.schedule = schedule
         self.num_masks = num_masks
         self.site = site
+        self.generator = generator
         super().__init__(base.batch_shape[1:], base.event_shape, validate_args=False)
 
     @property
@@ -155,7 +149,9 @@ class IntegratedObservation(TorchDistribution):
                 size, dtype=loglik.dtype, device=loglik.device
             )
             try:
-                score = latent_masked_score(loglik, log_weights, size_weights, self.num_masks)
+                score = latent_masked_score(
+                    loglik, log_weights, size_weights, self.num_masks, generator=self.generator
+                )
             except ValueError as error:
                 raise ValueError(f"observed site '{self.site}': {error}") from error
         return score.reshape(point_shape)
@@ -264,8 +260,9 @@ class Integration:
         name, fn = msg["name"], msg["fn"]
         if isinstance(fn, MaskedScore):
             base, schedule, num_masks = fn.base_dist, fn.schedule, fn.num_masks
+            generator = fn.generator
         else:
-            base, schedule, num_masks = fn, None, 1
+            base, schedule, num_masks, generator = fn, None, 1, None
         if self.log_weights is None or len(base.batch_shape) <= self.max_plate_nesting:
             return  # does not depend on the integrated latents
         if len(base.batch_shape) != self.max_plate_nesting + 1:
@@ -291,7 +288,9 @@ class Integration:
                 f"({coordinates.support}) of its {type(coordinates).__name__} likelihood"
             )
         self.observed = name
-        msg["fn"] = IntegratedObservation(base, self.log_weights, schedule, num_masks, name)
+        msg["fn"] = IntegratedObservation(
+            base, self.log_weights, schedule, num_masks, name, generator
+        )
         if schedule is not None:
             # Unmasked, the same samples give the importance-weighted log p(x).
             unmasked = IntegratedObservation(base, self.log_weights, None, 1, name)

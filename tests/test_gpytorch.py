@@ -1,3 +1,4 @@
+import logging
 import math
 
 import gpytorch
@@ -193,3 +194,88 @@ def test_cuda_with_seed():
     (-first).backward()
     exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
     assert abs(first.item() - exact.item()) < 0.5
+
+
+# -- BoTorch ---------------------------------------------------------------------------------
+
+
+def hartmann_data(num_points, seed):
+    from botorch.test_functions import Hartmann
+
+    generator = torch.Generator().manual_seed(1000 + seed)
+    x = torch.rand(num_points, 6, generator=generator)
+    y = Hartmann(dim=6)(x).unsqueeze(-1) + 0.05 * torch.randn(num_points, 1, generator=generator)
+    return x, y
+
+
+def botorch_fit(x, y, make_mll):
+    """Fit a fresh ``SingleTaskGP`` with ``fit_gpytorch_mll``; return its exact log likelihood
+    per data point at the fitted hyperparameters (in BoTorch's standardised units)."""
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+
+    model = SingleTaskGP(x, y)
+    fit_gpytorch_mll(make_mll(model))
+    model.train()
+    exact = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    inputs = [model.transform_inputs(t) for t in model.train_inputs]
+    with torch.no_grad():
+        return exact(model(*model.train_inputs), model.train_targets, *inputs).item()
+
+
+def test_botorch_fit_in_the_deterministic_mode_at_defaults_matches_the_exact_fit():
+    pytest.importorskip("botorch")
+    x, y = hartmann_data(60, seed=1)
+    exact = botorch_fit(x, y, lambda m: gpytorch.mlls.ExactMarginalLogLikelihood(m.likelihood, m))
+    masked = botorch_fit(x, y, lambda m: MaskedMarginalLogLikelihood(m.likelihood, m, seed=0))
+    one_permutation = botorch_fit(
+        x, y, lambda m: MaskedMarginalLogLikelihood(m.likelihood, m, num_masks=1, seed=0)
+    )
+    assert exact - 0.02 < masked <= exact + 1e-6
+    # Negative control: one fixed permutation is the biased objective the default avoids.
+    assert one_permutation < exact - 0.02
+
+
+@pytest.mark.filterwarnings("ignore:A not p.d.:linear_operator.utils.warnings.NumericalWarning")
+def test_botorch_restarts_a_fit_whose_covariance_is_not_positive_definite(caplog):
+    pytest.importorskip("botorch")
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.logging import logger
+    from botorch.models import SingleTaskGP
+
+    x, y = hartmann_data(12, seed=0)
+    x = torch.cat([x, x])  # duplicate inputs: with a huge signal variance K + noise is singular
+    y = torch.cat([y, y + 0.01])
+    kernel = gpytorch.kernels.ScaleKernel(
+        gpytorch.kernels.RBFKernel(ard_num_dims=6),
+        outputscale_prior=gpytorch.priors.GammaPrior(2.0, 0.15),
+    )
+    model = SingleTaskGP(x, y, covar_module=kernel)
+    kernel.outputscale = 1e14  # the first attempt starts here and fails
+    mll = MaskedMarginalLogLikelihood(model.likelihood, model, seed=0)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger=logger.name):
+            fit_gpytorch_mll(mll)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert not mll.training  # BoTorch's sign of a successful fit
+    assert "attempt #1 of 5 failed" in caplog.text
+    assert "the covariance" in caplog.text and "not positive definite" in caplog.text
+    assert kernel.outputscale.item() < 1e6  # resampled from its prior
+
+
+def test_random_masks_under_botorch_warn_once():
+    pytest.importorskip("botorch")
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+
+    from pyro_masked.gpytorch import RandomMasksUnderDeterministicOptimizerWarning
+
+    x, y = hartmann_data(10, seed=0)
+    model = SingleTaskGP(x, y)
+    mll = MaskedMarginalLogLikelihood(model.likelihood, model)
+    with pytest.warns(RandomMasksUnderDeterministicOptimizerWarning, match="seed=0") as record:
+        fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 3}})
+    ours = [w for w in record if w.category is RandomMasksUnderDeterministicOptimizerWarning]
+    assert len(ours) == 1

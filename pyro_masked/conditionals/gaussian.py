@@ -260,13 +260,20 @@ def _quadratic_form(factor: torch.Tensor, weights: torch.Tensor):
 
 
 def random_permutations(
-    num_perms: int, size: int, device: Optional[torch.device] = None
+    num_perms: int,
+    size: int,
+    device: Optional[torch.device] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """``num_perms`` uniformly random permutations of ``range(size)``, shape ``(num_perms, size)``.
 
-    Drawn from torch's global generator, so ``pyro.set_rng_seed`` makes them reproducible.
+    Drawn from ``generator``, or from torch's global generator if it is ``None`` (so
+    ``pyro.set_rng_seed`` makes them reproducible).
     """
-    return torch.argsort(torch.rand(num_perms, size, device=device), dim=-1)
+    if generator is not None:
+        device = generator.device
+    uniform = torch.rand(num_perms, size, device=device, generator=generator)
+    return torch.argsort(uniform, dim=-1)
 
 
 def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
@@ -355,6 +362,7 @@ def gaussian_masked_score(
     size_weights: torch.Tensor,
     num_masks,
     scatter=None,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Masked estimate of :math:`\\log \\mathcal{N}(x; \\mu, \\Sigma)` for grouped residuals.
 
@@ -365,6 +373,7 @@ def gaussian_masked_score(
         over every mask of the sizes with non-zero weight).
     :param scatter: optional callable returning :math:`\\sum_n e_n e_n^\\top` per group, shape
         ``(B, D, D)``, used by the backward pass when it applies (see :class:`_QuadraticForms`).
+    :param generator: where the permutations are drawn from (``None``: torch's global one).
     :returns: shape ``(B, n)``.
     """
     size = residuals.shape[-1]
@@ -372,7 +381,8 @@ def gaussian_masked_score(
         context_weights = size_weights.flip(0) / torch.arange(
             size, 0, -1, dtype=size_weights.dtype, device=size_weights.device
         )
-        perms = random_permutations(num_masks, size, device=residuals.device)
+        perms = random_permutations(num_masks, size, residuals.device, generator)
+        perms = perms.to(residuals.device)
         return _permuted_scores(covariance, residuals, context_weights, perms, scatter)
     total = 0.0
     for index in torch.nonzero(size_weights).flatten().tolist():  # entry m - 1 for size m

@@ -313,6 +313,7 @@ def latent_masked_score(
     size_weights: torch.Tensor,
     num_masks: Union[int, str] = 1,
     perms: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Masked estimate :math:`\\sum_m w_m S(x; m)` of a latent-variable model, per data point.
 
@@ -330,6 +331,8 @@ def latent_masked_score(
     :param perms: optional permutations to use instead of drawing ``num_masks`` of them for
         each data point from torch's global generator: ``(S, D)`` (shared by every data point)
         or ``(B, S, D)``.
+    :param generator: the :class:`torch.Generator` the permutations are drawn from (``None``:
+        torch's global one).
     :returns: shape ``(B,)``.
 
     Random permutations are drawn independently for each data point, so the scores of
@@ -361,7 +364,7 @@ def latent_masked_score(
         visible, weights = enumerated_contexts(size_weights)
         return importance_context_score(loglik, log_weights, visible, weights)
     if perms is None:
-        perms = random_permutations(batch * num_masks, size, device=loglik.device)
+        perms = random_permutations(batch * num_masks, size, loglik.device, generator)
         perms = perms.reshape(batch, num_masks, size)
     elif perms.shape[-1] != size or not (perms.dim() == 2 or perms.shape[:1] == (batch,)):
         raise ValueError(

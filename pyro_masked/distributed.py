@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 
 from pyro_masked.diagnostics import LogMarginalEstimate, MaskRateCurve
+from pyro_masked.local import LocalLogMarginalEstimate
 
 __all__ = [
     "MaskedLightningModule",  # noqa: F822 (built on first access by __getattr__)
@@ -230,6 +231,11 @@ _FIELDS = {
         "area_stderr": _QUADRATURE,
         "exact": _SUMMED,
     },
+    LocalLogMarginalEstimate: {
+        "estimate": _SUMMED,
+        "stderr": _QUADRATURE,
+        "stderr_unstratified": _QUADRATURE,
+    },
 }
 _PAIR_FIELDS = {"estimate": _SUMMED, "stderr": _QUADRATURE}
 
@@ -257,8 +263,8 @@ def _fields_of(result) -> tuple[dict, dict]:
     rules = _FIELDS.get(type(result))
     if rules is None:
         raise TypeError(
-            "result must be an (estimate, stderr) pair, a LogMarginalEstimate or a "
-            f"MaskRateCurve, got {type(result).__name__}"
+            "result must be an (estimate, stderr) pair, a LogMarginalEstimate, a "
+            f"MaskRateCurve or a LocalLogMarginalEstimate, got {type(result).__name__}"
         )
     return {name: getattr(result, name) for name in rules}, rules
 
@@ -323,7 +329,10 @@ def reduce_log_marginal(
     :class:`~pyro_masked.MaskRateCurve` computed on the same rate grid, ``scores``,
     ``estimates`` and ``area`` combine like :math:`\\hat L` and their standard errors like
     :math:`s`, rate by rate; ``exact`` combines like :math:`\\hat L` (the ranks must agree on
-    whether it is known).
+    whether it is known). A :class:`~pyro_masked.local.LocalLogMarginalEstimate` of a large GP
+    is already an estimate of the whole :math:`\\log p(y)` on every rank (its minibatches of
+    hidden points are drawn from all :math:`N`): combine it with ``reduction="mean"``, which
+    pools the ranks' minibatches.
 
     One ``all_gather_object`` checks that the ranks' results are alike (so that every rank
     raises the same error and none is left waiting) and one ``all_reduce`` combines them: a
@@ -331,7 +340,9 @@ def reduce_log_marginal(
     rank for ``R`` rates and ``n`` draws.
 
     :param result: a :class:`~pyro_masked.LogMarginalEstimate`, a
-        :class:`~pyro_masked.MaskRateCurve`, or an ``(estimate, stderr)`` pair of numbers.
+        :class:`~pyro_masked.MaskRateCurve`, a
+        :class:`~pyro_masked.local.LocalLogMarginalEstimate`, or an ``(estimate, stderr)``
+        pair of numbers.
     :param reduction: ``"sum"`` (disjoint shards) or ``"mean"`` (replicates).
     :param group: the process group; the default group when ``None``.
     :returns: the same kind as ``result``: a pair of floats, or a copy of the result with its

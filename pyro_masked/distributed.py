@@ -64,10 +64,12 @@ import torch.distributed as dist
 
 from pyro_masked.diagnostics import LogMarginalEstimate, MaskRateCurve
 from pyro_masked.local import LocalLogMarginalEstimate
+from pyro_masked.util import private_generator
 
 __all__ = [
     "MaskedLightningModule",  # noqa: F822 (built on first access by __getattr__)
     "RankRandomness",
+    "rank_generator",
     "rank_seed",
     "reduce_log_marginal",
 ]
@@ -108,6 +110,30 @@ def rank_seed(seed: int, rank: Optional[int] = None) -> int:
     sequence = np.random.SeedSequence(entropy=seed, spawn_key=(rank,))
     # 63 bits: torch takes the seed as a signed 64-bit int on some paths.
     return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def rank_generator(
+    seed: int,
+    rank: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> torch.Generator:
+    """A private :class:`torch.Generator` for this rank's masks, seeded by ``(seed, rank)``.
+
+    For the ``generator=`` argument of :class:`~pyro_masked.MaskedELBO`,
+    :func:`~pyro_masked.masked` and :func:`~pyro_masked.masked_log_prob`, which draw only the
+    permutations from it::
+
+        elbo = MaskedELBO(generator=rank_generator(seed=0))
+
+    Guide samples, importance samples of ``integrate=`` latents and plate subsamples still
+    come from torch's global generator; :class:`RankRandomness` gives all of them a per-rank
+    stream.
+
+    :param seed: the run's seed (the same on every rank), a non-negative int.
+    :param rank: the process's rank; ``None`` reads it from ``torch.distributed``.
+    :param device: where the masks are drawn (a CUDA generator for data on the GPU).
+    """
+    return private_generator(rank_seed(seed, rank), device)
 
 
 class RankRandomness:
@@ -161,11 +187,10 @@ class RankRandomness:
     def _initial_stream(self) -> dict:
         if self.rank is None:
             self.rank = _current_rank()
-        seed = rank_seed(self.seed, self.rank)
-        stream = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        stream = {"cpu": rank_generator(self.seed, self.rank).get_state()}
         if self.device is not None:
             device = torch.device("cuda", self._cuda_index())
-            stream["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
+            stream["cuda"] = rank_generator(self.seed, self.rank, device).get_state()
         return stream
 
     def _global_states(self) -> dict:

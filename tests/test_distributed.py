@@ -32,7 +32,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from pyro_masked import MaskedELBO, estimate_log_marginal, mask_rate_curve, masked_log_prob
-from pyro_masked.distributed import RankRandomness, rank_seed, reduce_log_marginal
+from pyro_masked.distributed import (
+    RankRandomness,
+    rank_generator,
+    rank_seed,
+    reduce_log_marginal,
+)
 from pyro_masked.local import LocalMaskedObjective, estimate_local_log_marginal, local_predict
 
 WORLD_SIZE = 2
@@ -630,6 +635,18 @@ def test_rank_randomness_continues_its_stream_and_restores_the_global_one():
     torch.testing.assert_close(global_draw, expected_global)
     stream = torch.Generator().manual_seed(rank_seed(7, 1))
     torch.testing.assert_close(torch.cat([first, second]), torch.rand(6, generator=stream))
+
+
+def test_rank_generator_gives_each_rank_its_own_masks_without_the_global_generator():
+    fn = dist.MultivariateNormal(torch.zeros(DIM), 0.5 * torch.eye(DIM) + 0.5)
+    data = ppca_data()[:6]
+    state = torch.get_rng_state()
+    scores = [masked_log_prob(fn, data, generator=rank_generator(SEED, rank)) for rank in (0, 1, 0)]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(scores[0], scores[2])
+    assert not torch.allclose(scores[0], scores[1])
+    # The same stream as RankRandomness's.
+    torch.testing.assert_close(scores[1], masked_scores_of_shared_data(SEED, 1))
 
 
 def test_rank_randomness_as_decorator_restores_state_after_an_error():

@@ -1,8 +1,9 @@
 """Data-parallel masked training and evidence on 2 CPU processes (gloo).
 
-One module-scoped run spawns 2 ranks that train PPCA over a subsampled plate and a latent
-model with ``integrate=`` under ``DistributedDataParallel``, train PPCA with Lightning's DDP
-strategy, draw masks and reduce evidence estimates; each rank saves what it found. The tests
+One module-scoped run spawns 2 ranks that train PPCA over a subsampled plate, a latent model
+with ``integrate=`` and a local-context GP under ``DistributedDataParallel``, train PPCA with
+Lightning's DDP strategy, draw masks and reduce evidence estimates; each rank saves what it
+found. The tests
 compare those results with one process that computes the same minibatches and masks itself.
 The spawned ranks are joined with a deadline and killed past it, and every collective has a
 timeout, so a rank that fails or hangs fails the tests instead of hanging them.

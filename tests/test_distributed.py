@@ -50,6 +50,7 @@ NUM_POINTS = 48  # the plate's size: 3 steps of a global batch of 16 (8 per rank
 LOCAL_BATCH = 8
 DIM = 4
 STEPS_LR = 0.05
+SGD_LR = 2e-4
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +127,14 @@ def make_problem(name: str):
     else:
         raise ValueError(name)
     return elbo(model, EmptyGuide()), data
+
+
+def optimizer_for(name: str, parameters) -> torch.optim.Optimizer:
+    # Plain SGD where the scale of the loss is under test: Adam's steps barely change when the
+    # loss is multiplied by a constant, so they would not show a wrong loss scale.
+    if name == "ppca_all":
+        return torch.optim.SGD(parameters, lr=SGD_LR)
+    return torch.optim.Adam(parameters, lr=STEPS_LR)
 
 
 def rank_loader(data: torch.Tensor, rank: int) -> DataLoader:
@@ -215,10 +224,10 @@ def gp_result(gp: LocalGP) -> dict:
 
 
 def train_ddp(name: str, rank: int, seed: int) -> dict:
-    """Adam steps on this rank's minibatches, gradients averaged by DDP."""
+    """Optimizer steps on this rank's minibatches, gradients averaged by DDP."""
     loss_fn, data = make_problem(name)
     ddp = DistributedDataParallel(loss_fn)
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=STEPS_LR)
+    optimizer = optimizer_for(name, ddp.parameters())
     randomness = RankRandomness(seed)  # the rank comes from torch.distributed
     for batch in rank_batches(data, rank):
         optimizer.zero_grad()
@@ -412,7 +421,7 @@ def train_one_process(name: str, streams: list) -> dict:
     under ``streams[r]``, and the loss is the mean of the parts' losses: the loss of the global
     batch, ``(N / B) * sum over B + global terms``, written as a mean over the parts."""
     loss_fn, data = make_problem(name)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=STEPS_LR)
+    optimizer = optimizer_for(name, loss_fn.parameters())
     for parts in zip(*(rank_batches(data, rank) for rank in range(WORLD_SIZE))):
         optimizer.zero_grad()
         losses = []
@@ -424,13 +433,13 @@ def train_one_process(name: str, streams: list) -> dict:
     return parameters_of(loss_fn)
 
 
-def train_one_process_global_batch(name: str) -> dict:
+def train_one_process_global_batch(name: str, loss_scale: float = 1.0) -> dict:
     """One process, one loss over each global batch (its plate subsample is all 16 points)."""
     loss_fn, data = make_problem(name)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=STEPS_LR)
+    optimizer = optimizer_for(name, loss_fn.parameters())
     for parts in zip(*(rank_batches(data, rank) for rank in range(WORLD_SIZE))):
         optimizer.zero_grad()
-        loss_fn(torch.cat(parts)).backward()
+        (loss_scale * loss_fn(torch.cat(parts))).backward()
         optimizer.step()
     return parameters_of(loss_fn)
 
@@ -482,10 +491,13 @@ def test_ranks_ran_with_their_own_rank(ranks):
 
 def test_ddp_equals_one_process_over_the_global_batch_with_every_mask(ranks, module_local_params):
     # num_masks="all" leaves nothing random: DDP's averaged gradient is the gradient of the
-    # one-process loss over the whole global batch, with no loss scale.
+    # one-process loss over the whole global batch, with no loss scale (SGD steps show one).
     expected = train_one_process_global_batch("ppca_all")
     initial = parameters_of(make_problem("ppca_all")[0])
     assert parameters_differ(expected, initial)
+    # Negative control: the plate given the global batch size on every rank, i.e. the data
+    # terms W times too small, ends elsewhere.
+    assert parameters_differ(train_one_process_global_batch("ppca_all", loss_scale=0.5), expected)
     for result in ranks:
         assert_parameters_close(result["ppca_all"], expected)
 

@@ -37,7 +37,8 @@ which is the gradient of the one-process loss over the global batch (subsample s
 an unbiased estimate of the full-data gradient. So the loss needs no extra scale; the conditions
 are equal local batch sizes (:class:`~torch.utils.data.distributed.DistributedSampler` pads the
 data to a multiple of :math:`W`) and the *local* batch size as the plate's ``subsample_size``.
-(With the global size there the data terms would be :math:`W` times too small.) A masked
+(Scaling the data terms by :math:`N/B` on every rank would make them :math:`W` times too
+small.) A masked
 score of a whole batch shares one permutation per observed site, so the one-process run sees the
 same masks only when it scores each rank's part under that rank's stream. The same argument
 covers the local-context GP of :mod:`pyro_masked.local`, whose minibatch estimate

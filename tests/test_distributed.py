@@ -495,8 +495,8 @@ def test_ddp_equals_one_process_over_the_global_batch_with_every_mask(ranks, mod
     expected = train_one_process_global_batch("ppca_all")
     initial = parameters_of(make_problem("ppca_all")[0])
     assert parameters_differ(expected, initial)
-    # Negative control: the plate given the global batch size on every rank, i.e. the data
-    # terms W times too small, ends elsewhere.
+    # Negative control: data terms scaled by N / B instead of N / b, i.e. W times too small
+    # (this model has no global terms), end elsewhere.
     assert parameters_differ(train_one_process_global_batch("ppca_all", loss_scale=0.5), expected)
     for result in ranks:
         assert_parameters_close(result["ppca_all"], expected)

@@ -11,11 +11,9 @@ timeout, so a rank that fails or hangs fails the tests instead of hanging them.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
-import socket
 import sys
 import time
 
@@ -323,19 +321,19 @@ def masked_scores_of_shared_data(seed: int, rank: int) -> torch.Tensor:
         return masked_log_prob(fn, ppca_data()[:6], num_masks=1)
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, out_dir: str) -> None:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     pyro.settings.set(module_local_params=True)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world_size),
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),  # Lightning then joins this process group instead of spawning
-    )
+    # Lightning then joins this process group instead of starting processes of its own.
+    os.environ.update(WORLD_SIZE=str(world_size), NODE_RANK="0", LOCAL_RANK=str(rank))
     torch_dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+        "gloo",
+        # A file for the rendezvous: no port to pick that another program could take first.
+        init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+        rank=rank,
+        world_size=world_size,
+        timeout=COLLECTIVE_TIMEOUT,
     )
     try:
         results = {
@@ -374,18 +372,12 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch_dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = str(tmp_path_factory.mktemp("ranks"))
     context = mp.start_processes(
         _rank_main,
-        args=(WORLD_SIZE, _free_port(), out_dir),
+        args=(WORLD_SIZE, out_dir),
         nprocs=WORLD_SIZE,
         join=False,
         start_method="spawn",

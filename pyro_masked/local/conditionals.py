@@ -85,6 +85,8 @@ def joint_conditional(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditional mean offset and variance of the last point of each block given the others.
 
+    :param kernel: a GPyTorch kernel, or any callable mapping inputs ``(B, n, d)`` to their
+        covariance blocks ``(B, n, n)``.
     :param points: inputs ``(B, c + 1, d)``, the target last.
     :param context_residual: :math:`y_C - \\mu_C`, ``(B, c)``.
     :param valid: which context entries are real, ``(B, c)``.
@@ -93,7 +95,10 @@ def joint_conditional(
         mean plus ``offset``.
     """
     batch, width = valid.shape
-    covariance = kernel(points).to_dense() + torch.diag_embed(noise_diagonal)
+    covariance = kernel(points)
+    if not isinstance(covariance, torch.Tensor):  # a GPyTorch kernel's lazy output
+        covariance = covariance.to_dense()
+    covariance = covariance + torch.diag_embed(noise_diagonal)
     present = torch.cat([valid, valid.new_ones(batch, 1)], -1)
     pair = present.unsqueeze(-1) & present.unsqueeze(-2)
     identity = torch.eye(width + 1, dtype=covariance.dtype, device=covariance.device)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from pyro_masked.local.conditionals import MeanLike, local_log_predictive
-from pyro_masked.local.neighbors import NeighborIndex, _check_count, check_inputs
+from pyro_masked.local.neighbors import NeighborIndex, check_count, check_inputs
 from pyro_masked.local.sampler import (
     ContextBatch,
     ContextSampler,
@@ -59,7 +59,7 @@ __all__ = ["LocalLogMarginalEstimate", "LocalMaskedObjective", "estimate_local_l
 
 def check_context_size(context_size, num_points: int) -> int:
     """Validate ``context_size`` against the number of training points."""
-    context_size = _check_count(context_size, "context_size")
+    context_size = check_count(context_size, "context_size")
     if context_size > num_points - 1:
         raise ValueError(
             f"context_size={context_size} exceeds the {num_points - 1} other training points "
@@ -131,7 +131,7 @@ class LocalMaskedObjective:
         :param targets: the hidden points, e.g. the indices of a subsampled ``pyro.plate``;
             ``None`` draws them uniformly (without replacement when ``B <= N``).
         """
-        batch_size = _check_count(batch_size, "batch_size")
+        batch_size = check_count(batch_size, "batch_size")
         rng = _generator(rng)
         if targets is None:
             replace = batch_size > self.num_points
@@ -236,7 +236,7 @@ def estimate_local_log_marginal(
     y = _check_targets(y, X)
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
         raise ValueError(f"num_batches must be an int >= 2, got {num_batches!r}")
-    batch_size = _check_count(batch_size, "batch_size")
+    batch_size = check_count(batch_size, "batch_size")
     noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
     if objective is None:
         objective = LocalMaskedObjective(X, context_size, mask=mask)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["NeighborIndex", "check_inputs"]
+__all__ = ["NeighborIndex", "check_count", "check_inputs"]
 
 _BACKENDS = ("auto", "sklearn", "faiss", "torch")
 
@@ -56,7 +56,8 @@ def check_inputs(X: torch.Tensor, name: str = "X") -> torch.Tensor:
     return X
 
 
-def _check_count(value, name: str) -> int:
+def check_count(value, name: str) -> int:
+    """Validate a positive integer argument ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value <= 0:
@@ -86,7 +87,7 @@ class NeighborIndex:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         X = check_inputs(X, "X")
-        self.block_size = _check_count(block_size, "block_size")
+        self.block_size = check_count(block_size, "block_size")
         self.num_points, self.dim = X.shape
         self.allow_duplicates = bool(allow_duplicates)
         self.show_progress = show_progress
@@ -126,7 +127,7 @@ class NeighborIndex:
         :raises ValueError: if ``num_neighbors`` exceeds the number of training points, or the
             points hold NaN or have the wrong dimension.
         """
-        num_neighbors = _check_count(num_neighbors, "num_neighbors")
+        num_neighbors = check_count(num_neighbors, "num_neighbors")
         if num_neighbors > self.num_points:
             raise ValueError(
                 f"num_neighbors={num_neighbors} exceeds the {self.num_points} training points"
@@ -186,7 +187,7 @@ class NeighborIndex:
         :raises ValueError: if two distinct training points coincide and duplicates are not
             allowed.
         """
-        num_neighbors = _check_count(num_neighbors, "num_neighbors")
+        num_neighbors = check_count(num_neighbors, "num_neighbors")
         cached = self._lists.get(num_neighbors)
         if cached is not None:
             return cached

@@ -23,7 +23,7 @@ import gpytorch
 import torch
 
 from pyro_masked.local.conditionals import LocalConditional, MeanLike, joint_conditional
-from pyro_masked.local.neighbors import NeighborIndex, _check_count, check_inputs
+from pyro_masked.local.neighbors import NeighborIndex, check_count, check_inputs
 
 __all__ = ["local_predict"]
 
@@ -49,7 +49,8 @@ def local_predict(
     :param noise: noise variance of the training targets: one value, or one per training
         point ``(N,)`` (then only ``noiseless=True`` predictions are defined).
     :param context_size: :math:`c \\le N`; :math:`c = N` gives the exact GP predictive.
-    :param mean: ``None`` (zero mean) or a GPyTorch mean (a callable on inputs).
+    :param mean: ``None`` (zero mean) or a callable mapping inputs ``(n, d)`` to means
+        ``(n,)`` (a GPyTorch mean); evaluated once at the training inputs.
     :param noiseless: predict :math:`f_*` (``True``) or a new observation :math:`y_*`.
     :param index: a :class:`~pyro_masked.local.neighbors.NeighborIndex` built on ``X``, to
         reuse; ``None`` builds one.
@@ -63,10 +64,10 @@ def local_predict(
         raise ValueError(f"Xnew has {Xnew.shape[-1]} input dimensions but X has {X.shape[-1]}")
     if not isinstance(y, torch.Tensor) or y.shape != (X.shape[0],):
         raise ValueError(f"y must be a tensor of shape ({X.shape[0]},), one target per row of X")
-    context_size = _check_count(context_size, "context_size")
+    context_size = check_count(context_size, "context_size")
     if context_size > X.shape[0]:
         raise ValueError(f"context_size={context_size} exceeds the {X.shape[0]} training points")
-    chunk_size = _check_count(chunk_size, "chunk_size")
+    chunk_size = check_count(chunk_size, "chunk_size")
     if isinstance(mean, torch.Tensor):
         raise TypeError("mean must be None or a GPyTorch mean to predict at new inputs")
     noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
@@ -79,12 +80,16 @@ def local_predict(
         index = NeighborIndex(X)
     elif not index.matches(X):
         raise ValueError("index was built on other inputs than X")
+    train_mean = None if mean is None else mean(X)
     means, variances = [], []
     for start in range(0, Xnew.shape[0], chunk_size):
         new = Xnew[start : start + chunk_size].to(X.device)
         nearest = torch.as_tensor(index.query(new, context_size), device=X.device)
         points = torch.cat([X[nearest], new.unsqueeze(-2)], -2)
-        prior = points.new_zeros(points.shape[:-1]) if mean is None else mean(points)
+        if mean is None:
+            context_mean, new_mean = y.new_zeros(nearest.shape), y.new_zeros(new.shape[0])
+        else:
+            context_mean, new_mean = train_mean[nearest], mean(new)
         context_noise = noise[nearest] if per_point else noise.reshape(()).expand(nearest.shape)
         target_noise = torch.zeros_like(context_noise[:, :1])
         if not noiseless:
@@ -93,10 +98,10 @@ def local_predict(
         offset, variance = joint_conditional(
             kernel,
             points,
-            y[nearest] - prior[:, :-1],
+            y[nearest] - context_mean,
             valid,
             torch.cat([context_noise, target_noise], -1),
         )
-        means.append(prior[:, -1] + offset)
+        means.append(new_mean + offset)
         variances.append(variance)
     return LocalConditional(mean=torch.cat(means), variance=torch.cat(variances))

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
-from pyro_masked.local.neighbors import NeighborIndex, _check_count
+from pyro_masked.local.neighbors import NeighborIndex, check_count
 from pyro_masked.masks import MaskLike, as_schedule
 
 __all__ = ["ContextBatch", "ContextSampler", "ContextSizeSampler", "smallest_ranks"]
@@ -77,7 +77,7 @@ class ContextSizeSampler:
 
     def __init__(self, mask: MaskLike, num_points: int):
         self.schedule = as_schedule(mask)
-        self.num_points = _check_count(num_points, "num_points")
+        self.num_points = check_count(num_points, "num_points")
         probs = self.schedule.size_probs(self.num_points).flip(0).numpy()  # entry k: pi(N - k)
         cdf = np.cumsum(probs)
         cdf /= cdf[-1]
@@ -89,7 +89,7 @@ class ContextSizeSampler:
         self, batch_size: int, rng: Optional[np.random.Generator] = None, stratified: bool = True
     ) -> np.ndarray:
         """``batch_size`` context sizes, shape ``(B,)``; stratified or independent draws."""
-        batch_size = _check_count(batch_size, "batch_size")
+        batch_size = check_count(batch_size, "batch_size")
         rng = _generator(rng)
         uniform = rng.random(batch_size)
         if stratified:
@@ -182,12 +182,12 @@ class ContextSampler:
     ):
         self.index = index
         num_points = index.num_points
-        self.context_size = _check_count(context_size, "context_size")
+        self.context_size = check_count(context_size, "context_size")
         if num_points < 2:
             raise ValueError("local contexts need at least 2 training points")
         if num_neighbors is None:
             num_neighbors = min(num_points - 1, 2 * self.context_size)
-        self.num_neighbors = _check_count(num_neighbors, "num_neighbors")
+        self.num_neighbors = check_count(num_neighbors, "num_neighbors")
         if self.num_neighbors > num_points - 1:
             raise ValueError(
                 f"num_neighbors={num_neighbors} exceeds the {num_points - 1} other points"

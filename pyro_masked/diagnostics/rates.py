@@ -9,22 +9,26 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS
+from pyro_masked.conditionals.gaussian import MAX_ENUMERATED_MASKS, count_enumerated_masks
 from pyro_masked.diagnostics.draws import (
-    DEFAULT_NUM_MASKS,
-    _check_num_draws,
-    _draw_seeds,
-    _empty_guide,
-    _exact_value,
-    _mean_and_stderr,
-    _num_seeds,
-    _Options,
-    _run_draws,
+    DEFAULT_NUM_DRAWS,
+    EVERY_VECTOR,
+    DrawOptions,
+    MaskGroups,
+    ModelCall,
+    check_num_draws,
+    check_seed,
+    draw_seeds,
+    mean_and_stderr,
+    run_draws,
 )
 from pyro_masked.masks import RateSize
-from pyro_masked.scoring import NumMasks
+from pyro_masked.scoring import NumMasks, check_num_masks
 
 __all__ = ["FixedRateBias", "MaskRateCurve", "fixed_rate_bias", "mask_rate_curve"]
+
+#: Monte Carlo draws per rate where :func:`fixed_rate_bias` cannot enumerate the masks.
+DEFAULT_BIAS_DRAWS = 64
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class MaskRateCurve:
     :ivar dict mask_sizes: for each masked observed site, the mask size used at each rate.
     :ivar scores: :math:`S(x; m)` at each rate: the mean log predictive density of one hidden
         coordinate, summed over data points and over masked sites, shape ``(R,)``.
-    :ivar stderrs: Monte Carlo standard errors of ``scores`` (zeros for ``num_masks="all"``).
+    :ivar stderrs: Monte Carlo standard errors of ``scores`` (zeros when nothing is random:
+        ``num_masks="all"`` without sampled latent sites).
     :ivar estimates: the fixed-rate estimate at each rate,
         :math:`\\sum_s D_s S_s(x_s; m_s) + c` with :math:`c` the terms that are not masked
         (unmasked sites, and :math:`\\log p(z) - \\log q(z)` of latent sites), shape ``(R,)``.
@@ -45,7 +50,8 @@ class MaskRateCurve:
         estimate :math:`\\sum_m S(x; m)`.
     :ivar float area_stderr: its Monte Carlo standard error.
     :ivar exact: :math:`\\log p(x)` when it is known in closed form, else ``None``.
-    :ivar num_masks: independent draws per rate (shared by all rates), or ``"all"``.
+    :ivar int num_draws: independent draws per rate (the same random numbers at every rate).
+    :ivar num_masks: the permutations averaged inside each draw, or ``"all"``.
     """
 
     rates: torch.Tensor
@@ -57,6 +63,7 @@ class MaskRateCurve:
     area: float
     area_stderr: float
     exact: Optional[float]
+    num_draws: int
     num_masks: NumMasks
 
     def plot(self, ax=None):
@@ -82,6 +89,7 @@ class FixedRateBias:
     :ivar stderr: Monte Carlo standard errors, ``0`` where the bias is exact.
     :ivar exact_rates: ``True`` where every mask was enumerated (the bias is exact).
     :ivar float exact: :math:`\\log p(x)`.
+    :ivar num_draws: independent draws at each rate, shape ``(R,)`` (1 where the bias is exact).
     """
 
     rates: torch.Tensor
@@ -90,6 +98,7 @@ class FixedRateBias:
     stderr: torch.Tensor
     exact_rates: torch.Tensor
     exact: float
+    num_draws: torch.Tensor
 
     def plot(self, ax=None):
         """Draw the bias against the masking rate, with two-standard-error bars.
@@ -128,9 +137,14 @@ def _check_rates(rates) -> list[float]:
     return checked
 
 
-def _default_rates(model, guide, args, kwargs, options) -> list[float]:
+def _probe(call: ModelCall, options: DrawOptions):
+    """One cheap draw (every coordinate hidden: the marginals) to learn the sites' sizes."""
+    probe_options = options.replace(num_masks=1)
+    return run_draws(call, RateSize(1.0), probe_options, [0])[0]
+
+
+def _every_size_rates(probe) -> list[float]:
     """Every mask size of the largest masked site: ``m / D`` for ``m = 1..D``."""
-    probe = _run_draws(model, guide, args, kwargs, RateSize(1.0), 1, options, [0])[0]
     largest = max(probe.event_sizes.values())
     return [size / largest for size in range(1, largest + 1)]
 
@@ -150,32 +164,28 @@ def _size_weights(sizes: list[int], event_size: int) -> list[int]:
     return weights
 
 
-def _rate_grid_draws(model, guide, args, kwargs, rates, num_masks, options):
-    """Draws at every rate, with the same seeds (common random numbers) at each rate."""
-    seeds = _draw_seeds(_num_seeds(num_masks))
-    return [
-        _run_draws(model, guide, args, kwargs, RateSize(rate), num_masks, options, seeds)
-        for rate in rates
-    ]
-
-
 def mask_rate_curve(
     model: Callable,
-    guide: Optional[Callable],
-    *args,
+    guide: Optional[Callable] = None,
+    *,
+    model_args: tuple = (),
+    model_kwargs: Optional[dict] = None,
     rates: Optional[Sequence[float]] = None,
-    num_masks: NumMasks = DEFAULT_NUM_MASKS,
+    num_draws: int = DEFAULT_NUM_DRAWS,
+    num_masks: NumMasks = 1,
+    mask_groups: MaskGroups = EVERY_VECTOR,
     sites: Optional[Iterable[str]] = None,
     integrate: Optional[Iterable[str]] = None,
     num_samples: int = 1,
-    **kwargs,
+    seed: Optional[int] = None,
 ) -> MaskRateCurve:
     """The masked score :math:`S(x; m)` against the masking rate, and the area under it.
 
     A rate :math:`r` hides :math:`m_s = \\min(D_s, \\max(1, \\mathrm{round}(r D_s)))` of the
-    :math:`D_s` coordinates of each masked observed site :math:`s` (:class:`RateSize`). The
-    score at a rate is :math:`\\sum_s S_s(x_s; m_s)`, summed over data points as the model's
-    log density is. Its area,
+    :math:`D_s` coordinates of each masked observed site :math:`s`
+    (:class:`~pyro_masked.masks.RateSize`). The score at a rate is
+    :math:`\\sum_s S_s(x_s; m_s)`, summed over data points as the model's log density is. Its
+    area,
 
     .. math::
 
@@ -190,35 +200,35 @@ def mask_rate_curve(
     estimate with the same masks. All rates share the same random numbers (common random
     numbers), so the draw-to-draw noise of the curve is smooth across rates.
 
-    Cost: ``len(rates) * num_masks`` runs of the guide and model.
+    Cost: ``len(rates) * num_draws`` runs of the guide and model.
 
-    :param model: the Pyro model.
-    :param guide: the guide, or ``None`` for the empty guide.
     :param rates: strictly increasing masking rates in ``(0, 1]``; default every mask size.
-    :param num_masks: independent draws per rate (an int >= 2), or ``"all"`` for the exact
-        expectation over masks (no latent sites, small events only).
-    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
-    :param integrate: names of local latent sites to integrate out of the masked score, with
-        ``num_samples`` importance samples (or by enumeration), as in
-        :class:`~pyro_masked.MaskedELBO`; an enumerated discrete latent leaves nothing random.
-    :param int num_samples: importance samples per data point for ``integrate``.
+    :param int num_draws: independent draws per rate (>= 2).
+    :param num_masks: permutations averaged inside each draw, or ``"all"`` for the exact
+        expectation over masks (small events only; without sampled latents, one draw).
+    :param mask_groups: ``"vector"`` (default: independent permutations per data point),
+        ``None`` (shared, as in training) or an int number of groups; see
+        :func:`~pyro_masked.estimate_log_marginal`.
+
+    The other arguments are those of :func:`~pyro_masked.estimate_log_marginal`.
     """
-    options = _Options.of(sites, integrate, num_samples)
-    num_masks = _check_num_draws(num_masks)
-    guide = _empty_guide if guide is None else guide
-    if rates is None:
-        rates = _default_rates(model, guide, args, kwargs, options)
-    rates = _check_rates(rates)
-    grid = _rate_grid_draws(model, guide, args, kwargs, rates, num_masks, options)
+    call = ModelCall.of(model, guide, model_args, model_kwargs)
+    options = DrawOptions.of(num_masks, sites, integrate, num_samples, mask_groups)
+    num_draws = check_num_draws(num_draws)
+    seed = check_seed(seed)
+    rates = _every_size_rates(_probe(call, options)) if rates is None else _check_rates(rates)
+    # The same seeds at every rate: common random numbers.
+    seeds = draw_seeds(num_draws, seed)
+    grid = [run_draws(call, RateSize(rate), options, seeds) for rate in rates]
     event_sizes = grid[0][0].event_sizes
     mask_sizes = {
         name: {"event_size": size, "sizes": [RateSize(rate).mask_size(size) for rate in rates]}
         for name, size in event_sizes.items()
     }
-    num_draws = len(grid[0])
-    scores = torch.zeros(num_draws, len(rates), dtype=torch.float64)
-    estimates = torch.zeros(num_draws, len(rates), dtype=torch.float64)
-    areas = torch.zeros(num_draws, dtype=torch.float64)
+    drawn = len(grid[0])
+    scores = torch.zeros(drawn, len(rates), dtype=torch.float64)
+    estimates = torch.zeros(drawn, len(rates), dtype=torch.float64)
+    areas = torch.zeros(drawn, dtype=torch.float64)
     for i, draws in enumerate(grid):
         for d, draw in enumerate(draws):
             # Everything that is not a masked site with event dims, identical across rates.
@@ -235,9 +245,9 @@ def mask_rate_curve(
         for i, draws in enumerate(grid):
             for d, draw in enumerate(draws):
                 areas[d] += weights[i] * float(draw.masked_scores[name].sum()) / info["event_size"]
-    score_means, score_stderrs = _mean_and_stderr(scores)
-    estimate_means, estimate_stderrs = _mean_and_stderr(estimates)
-    area, area_stderr = _mean_and_stderr(areas)
+    score_means, score_stderrs = mean_and_stderr(scores)
+    estimate_means, estimate_stderrs = mean_and_stderr(estimates)
+    area, area_stderr = mean_and_stderr(areas)
     return MaskRateCurve(
         rates=torch.tensor(rates, dtype=torch.float64),
         mask_sizes=mask_sizes,
@@ -247,33 +257,32 @@ def mask_rate_curve(
         estimate_stderrs=estimate_stderrs,
         area=float(area),
         area_stderr=float(area_stderr),
-        exact=_exact_value(grid[0][0]),
-        num_masks=num_masks,
+        exact=grid[0][0].exact_value(),
+        num_draws=drawn,
+        num_masks=options.num_masks,
     )
 
 
 def _enumerated_masks(event_sizes: dict, rate: float) -> int:
-    """Masks ``num_masks="all"`` would condition on at this rate (sizes 1, D closed form)."""
+    """Masks ``num_masks="all"`` would condition on at this rate, for the largest site."""
     schedule = RateSize(rate)
-    total = 0
-    for size in event_sizes.values():
-        mask_size = schedule.mask_size(size)
-        if mask_size not in (1, size):
-            total = max(total, math.comb(size, mask_size))
-    return total
+    return max(count_enumerated_masks(size, schedule.sizes(size)) for size in event_sizes.values())
 
 
 def fixed_rate_bias(
     model: Callable,
-    guide: Optional[Callable],
-    *args,
+    guide: Optional[Callable] = None,
+    *,
+    model_args: tuple = (),
+    model_kwargs: Optional[dict] = None,
     rates: Optional[Sequence[float]] = None,
     num_masks: Union[NumMasks, str] = "auto",
-    monte_carlo_masks: int = 64,
+    mask_groups: MaskGroups = EVERY_VECTOR,
+    num_draws: int = DEFAULT_BIAS_DRAWS,
     sites: Optional[Iterable[str]] = None,
     integrate: Optional[Iterable[str]] = None,
     num_samples: int = 1,
-    **kwargs,
+    seed: Optional[int] = None,
 ) -> FixedRateBias:
     """The bias of fixed-rate masking, :math:`D\\,S(x; m) - \\log p(x)`, against the rate.
 
@@ -285,30 +294,31 @@ def fixed_rate_bias(
     :math:`\\sum_k (S(x; m) - S(x; k))`: a fixed rate scores every context as if it had
     :math:`D - m` visible coordinates.
 
-    :param model: the Pyro model.
     :param guide: ``None`` (or a guide that samples nothing).
     :param rates: strictly increasing masking rates in ``(0, 1]``; default every mask size of
         the largest site.
     :param num_masks: ``"all"`` (exact; fails when a rate needs more than
-        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` masks), an int >= 2
-        (Monte Carlo draws), or ``"auto"``: exact where enumeration fits the limit and
-        ``monte_carlo_masks`` draws elsewhere.
-    :param monte_carlo_masks: draws per rate where ``"auto"`` falls back to Monte Carlo.
-    :param sites: names of the observed sites to mask; ``None`` masks every observed site.
-    :param integrate: names of local latent sites to integrate out of the masked score, with
-        ``num_samples`` importance samples (or by enumeration), as in
-        :class:`~pyro_masked.MaskedELBO`; an enumerated discrete latent leaves nothing random.
-    :param int num_samples: importance samples per data point for ``integrate``.
+        :data:`~pyro_masked.conditionals.gaussian.MAX_ENUMERATED_MASKS` masks), an int
+        (permutations averaged in each of ``num_draws`` Monte Carlo draws), or ``"auto"``:
+        exact where enumeration fits the limit, and ``num_draws`` draws of one permutation
+        elsewhere.
+    :param int num_draws: independent draws per rate where the bias is estimated (>= 2).
+    :param mask_groups: ``"vector"`` (default: independent permutations per data point),
+        ``None`` (shared, as in training) or an int number of groups; see
+        :func:`~pyro_masked.estimate_log_marginal`.
+
+    The other arguments are those of :func:`~pyro_masked.estimate_log_marginal`.
     """
-    options = _Options.of(sites, integrate, num_samples)
+    call = ModelCall.of(model, guide, model_args, model_kwargs)
     if num_masks != "auto":
-        num_masks = _check_num_draws(num_masks)
-    monte_carlo_masks = _check_num_draws(monte_carlo_masks)
-    if monte_carlo_masks == "all":
-        raise ValueError("monte_carlo_masks must be an int >= 2, got 'all'")
-    guide = _empty_guide if guide is None else guide
-    probe = _run_draws(model, guide, args, kwargs, RateSize(1.0), 1, options, [0])[0]
-    exact = _exact_value(probe)
+        check_num_masks(num_masks)
+    options = DrawOptions.of(
+        1 if num_masks == "auto" else num_masks, sites, integrate, num_samples, mask_groups
+    )
+    num_draws = check_num_draws(num_draws)
+    seed = check_seed(seed)
+    probe = _probe(call, options)
+    exact = probe.exact_value()
     if exact is None:
         reason = (
             "the guide or model samples latent sites"
@@ -318,23 +328,20 @@ def fixed_rate_bias(
         raise ValueError(
             f"fixed_rate_bias needs the exact log p(x), which is unknown here: {reason}"
         )
-    if rates is None:
-        largest = max(probe.event_sizes.values())
-        rates = [size / largest for size in range(1, largest + 1)]
-    rates = _check_rates(rates)
-    bias, stderr, exact_rates = [], [], []
+    rates = _every_size_rates(probe) if rates is None else _check_rates(rates)
+    bias, stderr, drawn = [], [], []
     for rate in rates:
-        rate_masks = num_masks
+        rate_options = options
         if num_masks == "auto":
             fits = _enumerated_masks(probe.event_sizes, rate) <= MAX_ENUMERATED_MASKS
-            rate_masks = "all" if fits else monte_carlo_masks
-        seeds = _draw_seeds(_num_seeds(rate_masks))
-        draws = _run_draws(model, guide, args, kwargs, RateSize(rate), rate_masks, options, seeds)
+            rate_options = options.replace(num_masks="all" if fits else 1)
+        seeds = draw_seeds(num_draws, seed)
+        draws = run_draws(call, RateSize(rate), rate_options, seeds)
         values = torch.tensor([draw.masked_total() for draw in draws], dtype=torch.float64)
-        mean, error = _mean_and_stderr(values)
+        mean, error = mean_and_stderr(values)
         bias.append(float(mean) - exact)
         stderr.append(float(error))
-        exact_rates.append(rate_masks == "all")
+        drawn.append(len(draws))
     return FixedRateBias(
         rates=torch.tensor(rates, dtype=torch.float64),
         mask_sizes={
@@ -343,6 +350,7 @@ def fixed_rate_bias(
         },
         bias=torch.tensor(bias, dtype=torch.float64),
         stderr=torch.tensor(stderr, dtype=torch.float64),
-        exact_rates=torch.tensor(exact_rates),
+        exact_rates=torch.tensor([count == 1 for count in drawn]),
         exact=exact,
+        num_draws=torch.tensor(drawn),
     )

@@ -18,7 +18,7 @@ def import_arviz_or_skip():
 def test_inference_data_export_has_a_log_likelihood_group():
     arviz = import_arviz_or_skip()
     model, data, _, _ = make_ppca(num_data=7, size=4)
-    pointwise = pointwise_masked_log_prob(model, None, data, num_masks=3)
+    pointwise = pointwise_masked_log_prob(model, model_args=(data,), num_draws=3)
     idata = pointwise.as_inference_data()
     assert isinstance(idata, arviz.InferenceData)
     log_likelihood = idata.log_likelihood["x"]
@@ -29,7 +29,7 @@ def test_inference_data_export_has_a_log_likelihood_group():
 
 def test_inference_data_export_without_arviz_says_how_to_install(monkeypatch):
     model, data, _, _ = make_ppca(num_data=3, size=3)
-    pointwise = pointwise_masked_log_prob(model, None, data, num_masks=2)
+    pointwise = pointwise_masked_log_prob(model, model_args=(data,), num_draws=2)
     monkeypatch.setitem(sys.modules, "arviz", None)  # makes `import arviz` raise ImportError
     with pytest.raises(ImportError, match="pip install arviz"):
         to_inference_data(pointwise)

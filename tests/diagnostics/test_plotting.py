@@ -12,8 +12,8 @@ def test_plots_return_axes():
     import matplotlib.pyplot as plt
 
     model, data, _, _ = make_ppca(num_data=5, size=4)
-    curve = mask_rate_curve(model, None, data, num_masks="all")
-    bias = fixed_rate_bias(model, None, data)
+    curve = mask_rate_curve(model, model_args=(data,), num_masks="all")
+    bias = fixed_rate_bias(model, model_args=(data,))
     for result in (curve, bias):
         ax = result.plot()
         assert isinstance(ax, matplotlib.axes.Axes)

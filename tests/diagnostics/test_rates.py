@@ -14,15 +14,16 @@ from diagnostic_models import (
 )
 from oracles import expected_masked_score, random_spd
 
-from pyro_masked import estimate_log_marginal, fixed_rate_bias, mask_rate_curve
+from pyro_masked import estimate_log_marginal, fixed_rate_bias, mask_rate_curve, masked_log_prob
+from pyro_masked.masks import RateSize
 
 
 def test_full_grid_area_equals_the_cumulative_estimate_with_the_same_masks():
     model, data, _, _ = make_ppca(size=7)
     pyro.set_rng_seed(11)
-    curve = mask_rate_curve(model, None, data, num_masks=6)
+    curve = mask_rate_curve(model, model_args=(data,), num_draws=6)
     pyro.set_rng_seed(11)
-    estimate = estimate_log_marginal(model, None, data, num_masks=6)
+    estimate = estimate_log_marginal(model, model_args=(data,), num_draws=6)
     assert curve.rates.tolist() == pytest.approx([m / 7 for m in range(1, 8)])
     assert curve.mask_sizes["x"]["sizes"] == list(range(1, 8))
     assert curve.area == pytest.approx(estimate.estimate, abs=1e-9)
@@ -33,7 +34,7 @@ def test_full_grid_area_equals_the_cumulative_estimate_with_the_same_masks():
 
 def test_all_masks_area_equals_exact_log_marginal():
     model, data, loc, covariance = make_ppca(size=6)
-    curve = mask_rate_curve(model, None, data, num_masks="all")
+    curve = mask_rate_curve(model, model_args=(data,), num_masks="all")
     exact = exact_log_marginal(loc, covariance, data)
     assert curve.exact == pytest.approx(exact, abs=1e-9)
     assert curve.area == pytest.approx(exact, abs=1e-8)
@@ -64,8 +65,8 @@ def test_all_masks_area_is_exact_for_two_sites_of_different_sizes():
 
 def test_coarse_grid_gives_each_rate_the_sizes_up_to_it():
     model, data, _, _ = make_ppca(size=6)
-    coarse = mask_rate_curve(model, None, data, rates=[0.5, 1.0], num_masks="all")
-    full = mask_rate_curve(model, None, data, num_masks="all")
+    coarse = mask_rate_curve(model, model_args=(data,), rates=[0.5, 1.0], num_masks="all")
+    full = mask_rate_curve(model, model_args=(data,), num_masks="all")
     # Sizes 1..3 take S(3), sizes 4..6 take S(6).
     expected = 3 * float(full.scores[2]) + 3 * float(full.scores[5])
     assert coarse.area == pytest.approx(expected, abs=1e-9)
@@ -74,7 +75,7 @@ def test_coarse_grid_gives_each_rate_the_sizes_up_to_it():
 
 def test_fixed_rate_bias_matches_the_enumeration_oracle():
     model, data, loc, covariance = make_ppca(num_data=3, size=5)
-    result = fixed_rate_bias(model, None, data, rates=[0.2, 0.6, 1.0], num_masks="all")
+    result = fixed_rate_bias(model, model_args=(data,), rates=[0.2, 0.6, 1.0], num_masks="all")
     exact = exact_log_marginal(loc, covariance, data)
     assert torch.all(result.exact_rates) and torch.all(result.stderr == 0)
     for rate, bias in zip([0.2, 0.6, 1.0], result.bias.tolist()):
@@ -87,8 +88,11 @@ def test_fixed_rate_bias_matches_the_enumeration_oracle():
 
 def test_fixed_rate_bias_exact_and_monte_carlo_agree():
     model, data, _, _ = make_ppca(size=5)
-    exact = fixed_rate_bias(model, None, data, num_masks="all")
-    monte_carlo = fixed_rate_bias(model, None, data, num_masks=100)
+    exact = fixed_rate_bias(model, model_args=(data,), num_masks="all")
+    # Shared permutations keep the 100 draws cheap; the estimate is unbiased either way.
+    monte_carlo = fixed_rate_bias(
+        model, model_args=(data,), num_masks=1, num_draws=100, mask_groups=None
+    )
     assert not torch.any(monte_carlo.exact_rates)
     # Size 1 is leave-one-out and size D the marginals: no randomness there.
     assert monte_carlo.stderr[1:-1].min() > 0
@@ -101,7 +105,7 @@ def test_fixed_rate_bias_exact_and_monte_carlo_agree():
 def test_fixed_rate_bias_auto_enumerates_where_it_can():
     model, data, _, _ = make_ppca(num_data=5, size=18)
     result = fixed_rate_bias(
-        model, None, data, rates=[1 / 18, 0.5, 1.0], num_masks="auto", monte_carlo_masks=8
+        model, model_args=(data,), rates=[1 / 18, 0.5, 1.0], num_masks="auto", num_draws=8
     )
     # C(18, 9) = 48620 masks is past the enumeration limit: Monte Carlo there.
     assert result.exact_rates.tolist() == [True, False, True]
@@ -111,39 +115,46 @@ def test_fixed_rate_bias_auto_enumerates_where_it_can():
 def test_fixed_rate_bias_needs_a_known_evidence():
     data = torch.bernoulli(torch.full((5, 4), 0.5))
     with pytest.raises(ValueError, match="latent sites"):
-        fixed_rate_bias(latent_bernoulli_model, latent_bernoulli_guide, data)
+        fixed_rate_bias(latent_bernoulli_model, latent_bernoulli_guide, model_args=(data,))
 
 
 @pytest.mark.parametrize("rates", [[0.0, 0.5], [0.5, 1.5], [-0.1], [math.nan], [0.5, 0.3]])
 def test_rates_outside_the_unit_interval_or_unordered_are_rejected(rates):
     model, data, _, _ = make_ppca(num_data=3, size=3)
     with pytest.raises(ValueError, match="rates"):
-        mask_rate_curve(model, None, data, rates=rates, num_masks=2)
+        mask_rate_curve(model, model_args=(data,), rates=rates, num_draws=2)
     with pytest.raises(ValueError, match="rates"):
-        fixed_rate_bias(model, None, data, rates=rates)
+        fixed_rate_bias(model, model_args=(data,), rates=rates)
 
 
 def test_empty_grid_is_rejected():
     model, data, _, _ = make_ppca(num_data=3, size=3)
     with pytest.raises(ValueError, match="rates is empty"):
-        mask_rate_curve(model, None, data, rates=[], num_masks=2)
+        mask_rate_curve(model, model_args=(data,), rates=[], num_draws=2)
     with pytest.raises(TypeError, match="rates"):
-        mask_rate_curve(model, None, data, rates=0.5, num_masks=2)
+        mask_rate_curve(model, model_args=(data,), rates=0.5, num_draws=2)
 
 
-@pytest.mark.parametrize("size", [5, 13, 30])
-def test_a_point_of_the_curve_is_what_a_fixed_rate_optimises(size):
-    from pyro_masked import FixedRate
-    from pyro_masked.diagnostics import RateSize
-
-    for rate in [0.1, 0.15, 0.5, 0.8, 0.95]:
-        assert RateSize(rate).mask_size(size) == FixedRate(rate).mask_size(size)
-    assert RateSize(1.0).mask_size(size) == size
+def test_rate_one_hides_every_coordinate_and_rates_outside_are_refused():
+    # Rates below one follow FixedRate's rule: test_curve_points_equal_fixed_rate_estimates
+    # checks the curve against what MaskedELBO(mask=rate) scores.
+    for size in (1, 5, 13):
+        assert RateSize(1.0).mask_size(size) == size
+    for rate in (0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="mask rate"):
+            RateSize(rate)
+    with pytest.raises(TypeError, match="mask rate"):
+        RateSize("0.5")
 
 
 def test_curve_points_equal_fixed_rate_estimates():
-    model, data, _, _ = make_ppca(size=6)
-    curve = mask_rate_curve(model, None, data, rates=[0.15, 0.5, 0.8], num_masks="all")
-    for rate, value in zip([0.15, 0.5, 0.8], curve.estimates.tolist()):
-        fixed = estimate_log_marginal(model, None, data, num_masks="all", mask=rate)
-        assert value == pytest.approx(fixed.estimate, abs=1e-9)
+    model, data, loc, covariance = make_ppca(size=6)
+    rates = [0.15, 0.3, 0.5, 0.8, 0.95]
+    curve = mask_rate_curve(model, model_args=(data,), rates=rates, num_masks="all")
+    d = dist.MultivariateNormal(loc, covariance)
+    for rate, value in zip(rates, curve.estimates.tolist()):
+        # What MaskedELBO(mask=rate) scores, through the loss's own path.
+        fixed = float(masked_log_prob(d, data, mask=rate, num_masks="all").sum())
+        assert value == pytest.approx(fixed, abs=1e-9)
+    # The rates above hit distinct sizes, so a different size rule would fail.
+    assert len(set(curve.mask_sizes["x"]["sizes"])) == len(rates)

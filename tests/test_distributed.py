@@ -30,7 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from pyro_masked import MaskedELBO, estimate_log_marginal, mask_rate_curve, masked_log_prob
+from pyro_masked import (
+    MaskedELBO,
+    MaskedMarginalLogLikelihood,
+    estimate_log_marginal,
+    mask_rate_curve,
+    masked_log_prob,
+)
 from pyro_masked.distributed import (
     RankRandomness,
     rank_generator,
@@ -202,6 +208,45 @@ class LocalGP(torch.nn.Module):
             return float(normal.log_prob(test_y).mean())
 
 
+class ExactGPModel(gpytorch.models.ExactGP):
+    def __init__(self, train_x, train_y, likelihood):
+        super().__init__(train_x, train_y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5))
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+class MaskedGPLoss(torch.nn.Module):
+    """A user's ExactGP loss as the module DDP wraps: minus the masked marginal log likelihood
+    per point, from ``batch_size`` hidden points per call and their local contexts."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        train_x, train_y, _, _ = gp_data()
+        self.likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        self.model = ExactGPModel(train_x, train_y, self.likelihood)
+        self.mll = MaskedMarginalLogLikelihood(
+            self.likelihood, self.model, context_size=GP_CONTEXT, batch_size=batch_size
+        )
+
+    def forward(self) -> torch.Tensor:
+        return -self.mll(self.model(*self.model.train_inputs), self.model.train_targets)
+
+    def test_mlpd(self) -> float:
+        _, _, test_x, test_y = gp_data()
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return float(self.likelihood(self.model(test_x)).log_prob(test_y)) / len(test_y)
+        finally:
+            self.model.train()
+
+
+GP_STEPS = 12
+
+
 def hidden_point_loaders(world_size: int, batch_size: int) -> list:
     """Each rank's sampler and loader of hidden points (shuffled every epoch, disjoint)."""
     dataset = TensorDataset(torch.arange(GP_POINTS))
@@ -253,6 +298,20 @@ def train_local_gp_ddp(rank: int, seed: int) -> dict:
     return gp_result(gp)
 
 
+def train_exact_gp_ddp(seed: int) -> dict:
+    loss_fn = MaskedGPLoss(GP_BATCH // WORLD_SIZE)
+    ddp = DistributedDataParallel(loss_fn)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=GP_LR)
+    randomness = RankRandomness(seed)
+    for _ in range(GP_STEPS):
+        optimizer.zero_grad()
+        with randomness:
+            loss = ddp()
+        loss.backward()
+        optimizer.step()
+    return {"parameters": parameters_of(loss_fn), "mlpd": loss_fn.test_mlpd()}
+
+
 def local_evidence_on_rank(rank: int, seed: int):
     train_x, train_y, _, _ = gp_data()
     kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5))
@@ -300,18 +359,27 @@ def evidence_model(data: torch.Tensor) -> None:
         pyro.sample("obs", fn, obs=data)
 
 
-def evidence_on_rank(rank: int, seed: int, num_masks) -> object:
+def draw_options(draws) -> dict:
+    """``draws`` independent draws, or ``"all"``: every mask enumerated (nothing random)."""
+    return {"num_masks": "all"} if draws == "all" else {"num_draws": draws}
+
+
+def evidence_on_rank(rank: int, seed: int, draws) -> object:
+    # Drawn from the rank's stream of torch's global generator.
     with RankRandomness(seed, rank=rank):
         return estimate_log_marginal(
-            evidence_model, None, shard_of(ppca_data(), rank), num_masks=num_masks
+            evidence_model, model_args=(shard_of(ppca_data(), rank),), **draw_options(draws)
         )
 
 
-def curve_on_rank(rank: int, num_masks) -> object:
-    with RankRandomness(SEED, rank=rank):
-        return mask_rate_curve(
-            evidence_model, None, shard_of(ppca_data(), rank), num_masks=num_masks
-        )
+def curve_on_rank(rank: int, draws) -> object:
+    # Drawn from a private generator seeded with the rank's seed.
+    return mask_rate_curve(
+        evidence_model,
+        model_args=(shard_of(ppca_data(), rank),),
+        seed=rank_seed(SEED, rank),
+        **draw_options(draws),
+    )
 
 
 def masked_scores_of_shared_data(seed: int, rank: int) -> torch.Tensor:
@@ -345,20 +413,21 @@ def _rank_main(rank: int, world_size: int, out_dir: str) -> None:
             "latent": train_ddp("latent", rank, SEED),
         }
         results["local_gp"] = train_local_gp_ddp(rank, SEED)
+        results["exact_gp"] = train_exact_gp_ddp(SEED)
         local_evidence = local_evidence_on_rank(rank, SEED)
         results["local_evidence"] = reduce_log_marginal(local_evidence, reduction="mean")
-        evidence = evidence_on_rank(rank, SEED, num_masks=4)
-        exact_evidence = evidence_on_rank(rank, SEED, num_masks="all")
+        evidence = evidence_on_rank(rank, SEED, draws=4)
+        exact_evidence = evidence_on_rank(rank, SEED, draws="all")
         results["evidence_local"] = evidence
         results["evidence_sum"] = reduce_log_marginal(evidence)
         results["evidence_mean"] = reduce_log_marginal(evidence, reduction="mean")
         results["evidence_pair"] = reduce_log_marginal((evidence.estimate, evidence.stderr))
         results["evidence_all"] = reduce_log_marginal(exact_evidence)
-        results["curve_all"] = reduce_log_marginal(curve_on_rank(rank, num_masks="all"))
-        results["curve"] = reduce_log_marginal(curve_on_rank(rank, num_masks=3))
+        results["curve_all"] = reduce_log_marginal(curve_on_rank(rank, draws="all"))
+        results["curve"] = reduce_log_marginal(curve_on_rank(rank, draws=3))
         try:
             # Rank 1 gives a different number of draws: every rank must raise, none hang.
-            reduce_log_marginal(evidence_on_rank(rank, SEED, num_masks=2 + rank))
+            reduce_log_marginal(evidence_on_rank(rank, SEED, draws=2 + rank))
         except ValueError as error:
             results["mismatch_error"] = str(error)
         try:
@@ -457,6 +526,23 @@ def train_local_gp_one_process(world_size: int, seed: int) -> dict:
     return gp_result(gp)
 
 
+def train_exact_gp_one_process(world_size: int, seed: int) -> dict:
+    """Each step's loss the mean over ``world_size`` parts of ``GP_BATCH / world_size`` hidden
+    points, part ``r`` drawn under stream ``r``."""
+    loss_fn = MaskedGPLoss(GP_BATCH // world_size)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=GP_LR)
+    streams = rank_streams(seed, world_size)
+    for _ in range(GP_STEPS):
+        optimizer.zero_grad()
+        losses = []
+        for stream in streams:
+            with stream:
+                losses.append(loss_fn())
+        torch.stack(losses).mean().backward()
+        optimizer.step()
+    return {"parameters": parameters_of(loss_fn), "mlpd": loss_fn.test_mlpd()}
+
+
 def rank_streams(seed: int, world_size: int = WORLD_SIZE) -> list:
     return [RankRandomness(seed, rank=rank) for rank in range(world_size)]
 
@@ -525,6 +611,19 @@ def test_local_gp_ddp_reaches_the_test_mlpd_of_one_process_over_global_batches(r
         assert result["local_gp"]["mlpd"] > unfitted + 0.5
 
 
+def test_exact_gp_loop_with_context_size_under_ddp_equals_one_process(ranks):
+    # MaskedMarginalLogLikelihood(context_size=...) in a user's ExactGP loop, wrapped by DDP:
+    # each rank scores its own 16 hidden points per step.
+    expected = train_exact_gp_one_process(WORLD_SIZE, SEED)
+    one_process = train_exact_gp_one_process(1, SEED)  # 32 hidden points, one stream
+    unfitted = MaskedGPLoss(GP_BATCH).test_mlpd()
+    for result in ranks:
+        assert_parameters_close(result["exact_gp"]["parameters"], expected["parameters"])
+        assert result["exact_gp"]["mlpd"] == pytest.approx(expected["mlpd"], rel=1e-9)
+        assert abs(result["exact_gp"]["mlpd"] - one_process["mlpd"]) < 0.05
+        assert result["exact_gp"]["mlpd"] > unfitted + 0.2
+
+
 def test_reduced_local_gp_evidence_pools_the_ranks_minibatches(ranks):
     local = [local_evidence_on_rank(rank, SEED) for rank in range(WORLD_SIZE)]
     assert local[0].estimate != local[1].estimate  # independent minibatches on the ranks
@@ -556,7 +655,7 @@ def test_masks_differ_across_ranks_and_are_reproducible(ranks):
 def test_reduced_evidence_equals_one_process_over_the_union(ranks):
     data = ppca_data()
     # Every mask enumerated: nothing is random, and the shards' sum is the union's estimate.
-    union = estimate_log_marginal(evidence_model, None, data, num_masks="all")
+    union = estimate_log_marginal(evidence_model, model_args=(data,), num_masks="all")
     for result in ranks:
         reduced = result["evidence_all"]
         assert reduced.estimate == pytest.approx(union.estimate, rel=1e-12)
@@ -566,7 +665,7 @@ def test_reduced_evidence_equals_one_process_over_the_union(ranks):
 
 
 def test_reduced_mask_rate_curve_equals_one_process_over_the_union(ranks):
-    union = mask_rate_curve(evidence_model, None, ppca_data(), num_masks="all")
+    union = mask_rate_curve(evidence_model, model_args=(ppca_data(),), num_masks="all")
     for result in ranks:
         reduced = result["curve_all"]
         torch.testing.assert_close(reduced.rates, union.rates)
@@ -578,7 +677,7 @@ def test_reduced_mask_rate_curve_equals_one_process_over_the_union(ranks):
 
 
 def test_reduced_mask_rate_curve_adds_variances_rate_by_rate(ranks):
-    local = [curve_on_rank(rank, num_masks=3) for rank in range(WORLD_SIZE)]
+    local = [curve_on_rank(rank, draws=3) for rank in range(WORLD_SIZE)]
     for result in ranks:
         reduced = result["curve"]
         torch.testing.assert_close(reduced.scores, local[0].scores + local[1].scores)
@@ -590,7 +689,7 @@ def test_reduced_mask_rate_curve_adds_variances_rate_by_rate(ranks):
 
 
 def test_reduced_evidence_sums_estimates_and_adds_variances(ranks):
-    local = [evidence_on_rank(rank, SEED, num_masks=4) for rank in range(WORLD_SIZE)]
+    local = [evidence_on_rank(rank, SEED, draws=4) for rank in range(WORLD_SIZE)]
     estimate = sum(part.estimate for part in local)
     stderr = math.sqrt(sum(part.stderr**2 for part in local))
     assert all(part.stderr > 0 for part in local)
@@ -706,7 +805,7 @@ def single_rank_group(tmp_path):
 
 
 def test_reduce_log_marginal_on_one_rank_returns_its_input(single_rank_group):
-    result = estimate_log_marginal(evidence_model, None, ppca_data(), num_masks=3)
+    result = estimate_log_marginal(evidence_model, model_args=(ppca_data(),), num_draws=3)
     reduced = reduce_log_marginal(result)
     assert type(reduced) is type(result)
     assert reduced.estimate == pytest.approx(result.estimate, rel=1e-15)

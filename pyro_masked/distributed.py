@@ -108,7 +108,7 @@ def _current_rank() -> int:
 
 
 def rank_seed(seed: int, rank: Optional[int] = None) -> int:
-    """The 64-bit seed of rank ``rank``'s stream, derived from one ``seed``.
+    """The seed (63 bits) of rank ``rank``'s stream, derived from one ``seed``.
 
     Hashes ``(seed, rank)`` with NumPy's :class:`~numpy.random.SeedSequence` (the rank is its
     spawn key), so nearby seeds and ranks give unrelated streams.

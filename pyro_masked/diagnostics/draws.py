@@ -175,6 +175,10 @@ class Draw:
     offset: float  # log p(z) - log q(z) summed over latent sites
     has_latents: bool
     closed_form: bool  # every observed site closed-form Gaussian or factorizing
+    # The guide drew latent sites and nothing was integrated by sampling: the ordinary log
+    # densities are the log-likelihood of one approximate posterior draw.
+    posterior_draw: bool = False
+    latents: dict = dataclasses.field(default_factory=dict)  # guide site -> sampled value
 
     def masked_total(self) -> float:
         return self.offset + sum(float(v.sum()) for v in self.masked_scores.values())
@@ -240,6 +244,7 @@ def _run_draw(loss: MaskedELBO, call: ModelCall, seed: int) -> Draw:
 def _read_traces(model_trace, guide_trace) -> Draw:
     masked_scores, unmasked_scores, observed, event_sizes = {}, {}, {}, {}
     offset, has_latents, closed_form = 0.0, False, True
+    integrated_by_sampling, guide_sampled, latents = False, False, {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
@@ -248,7 +253,9 @@ def _read_traces(model_trace, guide_trace) -> Draw:
             # A latent integrated into an observed site's score (its own log density is 0):
             # enumerated values are exact, samples are random.
             prior = getattr(fn, "prior", None)
-            has_latents = has_latents or not (prior is not None and prior.has_enumerate_support)
+            sampled = not (prior is not None and prior.has_enumerate_support)
+            integrated_by_sampling = integrated_by_sampling or sampled
+            has_latents = has_latents or sampled
             continue
         if not site["is_observed"]:
             has_latents = True
@@ -271,10 +278,19 @@ def _read_traces(model_trace, guide_trace) -> Draw:
             event_sizes[name] = event_size
     for site in guide_trace.nodes.values():
         if site["type"] == "sample" and not site["is_observed"]:
-            has_latents = True
+            has_latents = guide_sampled = True
             offset -= float(site["log_prob_sum"])
+            latents[site["name"]] = site["value"].detach()
     return Draw(
-        masked_scores, unmasked_scores, observed, event_sizes, offset, has_latents, closed_form
+        masked_scores,
+        unmasked_scores,
+        observed,
+        event_sizes,
+        offset,
+        has_latents,
+        closed_form,
+        posterior_draw=guide_sampled and not integrated_by_sampling,
+        latents=latents,
     )
 
 

@@ -84,6 +84,14 @@ class PointwiseMaskedLogProb:
     :ivar dict draws: the individual draws, shape ``(num_draws,) + batch_shape`` per site; a
         draw is one joint sample of every point's value.
     :ivar dict unmasked: the ordinary ``log_prob`` of each data point, averaged over draws.
+    :ivar dict unmasked_draws: the ordinary ``log_prob`` of each data point in each draw,
+        shape ``(num_draws,) + batch_shape`` per site.
+    :ivar bool posterior_draws: whether each draw is one draw of latent sites from the guide
+        (and no latent was integrated by sampling), so that ``unmasked_draws`` is a
+        log-likelihood per approximate posterior draw, as ArviZ's ``log_likelihood`` group
+        means.
+    :ivar dict latent_draws: the guide's latent values in each draw, shape
+        ``(num_draws,) + value_shape`` per site (empty without latent sites).
     :ivar dict observed: the observed values of each site.
     :ivar mask: the mask schedule.
     :ivar int num_draws: the number of independent draws made.
@@ -94,10 +102,13 @@ class PointwiseMaskedLogProb:
     stderrs: dict
     draws: dict = field(repr=False)
     unmasked: dict = field(repr=False)
+    unmasked_draws: dict = field(repr=False)
     observed: dict = field(repr=False)
     mask: MaskSchedule
     num_draws: int
     num_masks: NumMasks
+    posterior_draws: bool = False
+    latent_draws: dict = field(default_factory=dict, repr=False)
 
     def total(self, sites: Optional[Iterable[str]] = None) -> Total:
         """The sum of the pointwise values over data points (and sites), with its standard error.
@@ -255,7 +266,7 @@ def pointwise_masked_log_prob(
     schedule = as_schedule(mask)
     num_draws = check_num_draws(num_draws)
     draws = run_draws(call, schedule, options, draw_seeds(num_draws, check_seed(seed)))
-    values, stderrs, stacked, unmasked = {}, {}, {}, {}
+    values, stderrs, stacked, unmasked, unmasked_draws = {}, {}, {}, {}, {}
     for name in draws[0].masked_scores:
         shapes = {tuple(draw.masked_scores[name].shape) for draw in draws}
         if len(shapes) > 1:
@@ -265,14 +276,22 @@ def pointwise_masked_log_prob(
             )
         stacked[name] = torch.stack([draw.masked_scores[name] for draw in draws])
         values[name], stderrs[name] = mean_and_stderr(stacked[name])
-        unmasked[name] = torch.stack([draw.unmasked_scores[name] for draw in draws]).mean(0)
+        unmasked_draws[name] = torch.stack([draw.unmasked_scores[name] for draw in draws])
+        unmasked[name] = unmasked_draws[name].mean(0)
     return PointwiseMaskedLogProb(
         values=values,
         stderrs=stderrs,
         draws=stacked,
         unmasked=unmasked,
+        unmasked_draws=unmasked_draws,
         observed=dict(draws[0].observed),
         mask=schedule,
         num_draws=len(draws),
         num_masks=options.num_masks,
+        posterior_draws=all(draw.posterior_draw for draw in draws),
+        latent_draws={
+            name: torch.stack([draw.latents[name] for draw in draws])
+            for name in draws[0].latents
+            if all(name in draw.latents for draw in draws)
+        },
     )

@@ -5,7 +5,7 @@ the rest; summed over every mask size the score is exactly the log marginal like
 model can be fitted and its evidence estimated by masking.
 """
 
-from pyro_masked import gp, masks
+from pyro_masked import gp, local, masks
 from pyro_masked.diagnostics import (
     FixedRateBias,
     LogMarginalEstimate,
@@ -48,6 +48,7 @@ __all__ = [
     "estimate_log_marginal",
     "fixed_rate_bias",
     "gp",
+    "local",
     "mask_rate_curve",
     "masked",
     "masked_log_prob",

@@ -2,8 +2,9 @@
 
 As in Pyro, what only some users need is an extra rather than a core dependency: matplotlib
 (the ``plot`` extra) draws the diagnostics' figures and the main job's forecast, ArviZ (``arviz``)
-receives pointwise log predictives and scikit-learn (``local``) is the default nearest-neighbour
-search of local contexts on the CPU. tqdm is a core dependency, as it is Pyro's.
+receives pointwise log predictives and PyTorch Lightning (``distributed``) runs the data-parallel training
+plan. tqdm is a core dependency, as it is Pyro's, and so is
+scikit-learn, the default nearest-neighbour search of local contexts.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ __all__ = ["DISTRIBUTION_NAMES", "OPTIONAL_EXTRAS", "import_optional"]
 OPTIONAL_EXTRAS: dict[str, str] = {
     "matplotlib": "plot",
     "arviz": "arviz",
-    "sklearn": "local",
+    "lightning": "distributed",
 }
 
 #: The distribution (pip) name of each optional top-level module, where it differs.
-DISTRIBUTION_NAMES: dict[str, str] = {"sklearn": "scikit-learn"}
+DISTRIBUTION_NAMES: dict[str, str] = {}
 
 
 def import_optional(name: str, purpose: str) -> ModuleType:

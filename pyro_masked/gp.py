@@ -67,6 +67,10 @@ from pyro_masked.gpytorch import (
 )
 from pyro_masked.infer import MaskedELBO
 from pyro_masked.linalg import cholesky
+from pyro_masked.local.estimator import LocalMaskedObjective
+from pyro_masked.local.models import local_observe
+from pyro_masked.local.neighbors import check_count
+from pyro_masked.local.predict import local_predict
 from pyro_masked.masks import MaskLike
 from pyro_masked.scoring import NumMasks
 from pyro_masked.util import LOG_2PI, private_generator
@@ -232,6 +236,21 @@ class GPRegression(PyroModule):
         priors). Unused without priors. Its parameters exist from construction on, so
         ``state_dict()`` of a trained model loads (strictly) into a freshly built one.
     :param name: the module's name, the prefix of its sites and parameters.
+    :param context_size: ``None`` (the exact model above) or :math:`c`, for data sets too
+        large for the exact evidence: ``model()`` then observes a minibatch of
+        ``batch_size`` hidden points, each given the :math:`c` nearest members of a random
+        context, inside ``pyro.plate(name + "y_points", N, subsample_size=batch_size)``
+        (:func:`pyro_masked.local.models.local_observe`). The plate's scale makes the
+        model's log joint an unbiased estimate of the local masked score (the evidence of
+        the local approximation for ``mask="cumulative"``), at :math:`O(B c^3)` per step
+        whatever :math:`N`, after a one-off neighbour search. The masking happens inside the
+        model, so train it with :class:`~pyro.infer.Trace_ELBO` (``fit(gp,
+        objective="exact")``); :class:`~pyro_masked.MaskedELBO` gives the same loss and warns
+        that the univariate site leaves it nothing to mask. ``forward`` predicts by local
+        kriging from the :math:`c` nearest training points (``full_cov`` unavailable).
+    :param batch_size: hidden points per step with ``context_size``.
+    :param mask: the mask schedule of the local objective (with ``context_size`` only; the
+        schedule is drawn inside the model, so ``fit``'s ``mask`` does not reach it).
     """
 
     def __init__(
@@ -246,6 +265,9 @@ class GPRegression(PyroModule):
         priors: Optional[Mapping[str, dist.TorchDistribution]] = None,
         guide: str = "delta",
         name: str = "",
+        context_size: Optional[int] = None,
+        batch_size: int = 1024,
+        mask: MaskLike = "cumulative",
     ):
         super().__init__(name)
         if not isinstance(kernel, gpytorch.kernels.Kernel):
@@ -267,6 +289,12 @@ class GPRegression(PyroModule):
         initial_noise = _check_noise(noise, X)
         self.X = X
         self.y = _check_targets(y, X.shape[0])
+        self.context_size = context_size
+        self.batch_size = batch_size
+        self._local_objective = None
+        if context_size is not None:
+            self.batch_size = check_count(batch_size, "batch_size")
+            self._local_objective = LocalMaskedObjective(X, context_size, mask=mask)
         self.kernel = kernel
         self.mean_function = mean_function
         self.jitter = float(jitter)
@@ -401,6 +429,18 @@ class GPRegression(PyroModule):
         """The generative model: hyperparameters with priors, then the observed targets ``y``."""
         overrides = self._sample_hyperparameters()
         noise = self.noise
+        if self._local_objective is not None:
+            local_observe(
+                self._pyro_get_fullname("y"),
+                self._local_objective,
+                lambda points: self._kernel(points, points, overrides),
+                self.X,
+                self.y,
+                noise + self.jitter,
+                self.batch_size,
+                mean=self._mean(self.X, overrides),
+            )
+            return
         covariance = self._target_covariance(overrides, noise)
         loc = self._mean(self.X, overrides)
         pyro.sample(
@@ -441,6 +481,8 @@ class GPRegression(PyroModule):
             raise ValueError(
                 f"Xnew has {Xnew.shape[-1]} input dimensions, X has {self.X.shape[-1]}"
             )
+        if self._local_objective is not None:
+            return self._local_forward(Xnew, full_cov, noiseless)
         with pyro.get_param_store().scope():
             overrides = self._median_hyperparameters()
             noise = self._noise_value(use_median=True)
@@ -460,6 +502,26 @@ class GPRegression(PyroModule):
             if not noiseless:
                 var = var + noise
             return mean, var
+
+    def _local_forward(self, Xnew: torch.Tensor, full_cov: bool, noiseless: bool):
+        """Local kriging from the ``context_size`` nearest training points of each input."""
+        if full_cov:
+            raise ValueError("full_cov=True is not available with context_size (local kriging)")
+        with pyro.get_param_store().scope():
+            overrides = self._median_hyperparameters()
+            noise = self._noise_value(use_median=True)
+            predictive = local_predict(
+                lambda points: self._kernel(points, points, overrides),
+                self.X,
+                self.y,
+                Xnew,
+                noise + self.jitter,
+                self.context_size,
+                mean=lambda x: self._mean(x, overrides),
+                noiseless=noiseless,
+                index=self._local_objective.index,
+            )
+        return predictive.mean, predictive.variance
 
     def log_marginal_likelihood(self) -> torch.Tensor:
         """The exact :math:`\\log p(y \\mid X)` at the current hyperparameters (the guide's

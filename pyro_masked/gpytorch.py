@@ -20,11 +20,14 @@ from types import FrameType
 from typing import Any, Optional
 
 import gpytorch
+import numpy as np
 import torch
 from gpytorch.likelihoods import _GaussianLikelihoodBase
 from gpytorch.likelihoods.multitask_gaussian_likelihood import _MultitaskGaussianLikelihoodBase
 from gpytorch.mlls import ExactMarginalLogLikelihood
 
+from pyro_masked.local.models import LocalObjectiveCache, local_masked_score
+from pyro_masked.local.neighbors import check_count
 from pyro_masked.masks import MaskLike, as_schedule
 from pyro_masked.scoring import NumMasks, all_finite, check_num_masks, masked_log_prob
 from pyro_masked.util import private_generator
@@ -183,6 +186,20 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
         expectation over masks; small ``N`` only), or ``None``: 1 with random masks,
         :func:`deterministic_num_masks` ``(N)`` in the deterministic mode.
     :param seed: an int for the deterministic mode, or ``None`` for random masks.
+    :param context_size: ``None`` (exact contexts, as above) or :math:`c`: score a minibatch
+        of ``batch_size`` hidden points per call, each from the :math:`c` nearest members of
+        its random context (:mod:`pyro_masked.local`). Each call then costs
+        :math:`O(B c^3)` whatever :math:`N`, after a one-off neighbour search of the training
+        inputs (cached; redone if they change); kernel blocks are evaluated from the model's
+        kernel for the sampled points only, so nothing of size :math:`N \times N` is formed
+        and an ``ExactGP`` loop runs unchanged at :math:`N = 10^6`. The value is an unbiased
+        estimate of the local masked score divided by :math:`N` (of the exact one when
+        :math:`c = N - 1`). Needs a model without batch dimensions whose ``forward`` returns
+        ``MultivariateNormal(mean, covar_module(x))``. In the deterministic mode every call
+        scores the same minibatch.
+    :param batch_size: hidden points per call with ``context_size``.
+    :param allow_duplicates: with ``context_size``, accept repeated training inputs (safe with
+        a noise term; by default they raise ``ValueError``).
 
     References:
 
@@ -198,6 +215,9 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
         mask: MaskLike = "cumulative",
         num_masks: Optional[NumMasks] = None,
         seed: Optional[int] = None,
+        context_size: Optional[int] = None,
+        batch_size: int = 1024,
+        allow_duplicates: bool = False,
     ):
         if isinstance(likelihood, _MultitaskGaussianLikelihoodBase):
             raise TypeError(
@@ -216,10 +236,21 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         schedule = as_schedule(mask)
         num_masks = None if num_masks is None else check_num_masks(num_masks)
+        local_cache = None
+        if context_size is not None:
+            if num_masks is not None:
+                raise ValueError("num_masks does not apply with context_size; set batch_size")
+            local_cache = LocalObjectiveCache(
+                context_size, mask=schedule, allow_duplicates=allow_duplicates
+            )
+            batch_size = check_count(batch_size, "batch_size")
         super().__init__(likelihood, model)
         self.schedule = schedule
         self.num_masks = num_masks
         self.seed = seed
+        self.context_size = context_size
+        self.batch_size = batch_size
+        self._local_cache = local_cache
 
     def forward(
         self,
@@ -261,8 +292,21 @@ class MaskedMarginalLogLikelihood(ExactMarginalLogLikelihood):
             raise ValueError("target contains NaN or infinite entries")
         if self.seed is None and _inside_torch_lbfgs():
             self._warn_random_masks("torch.optim.LBFGS")
-        marginal = self.likelihood(function_dist, *params, **kwargs)
-        score = self._masked_score(marginal, target, num_data)
+        if self._local_cache is not None:
+            rng = None if self.seed is None else np.random.default_rng(self.seed)
+            score = local_masked_score(
+                self._local_cache,
+                function_dist,
+                target,
+                self.likelihood,
+                self.batch_size,
+                *params,
+                rng=rng,
+                **kwargs,
+            )
+        else:
+            marginal = self.likelihood(function_dist, *params, **kwargs)
+            score = self._masked_score(marginal, target, num_data)
         score = self._add_other_terms(score, params)
         return score / num_data
 

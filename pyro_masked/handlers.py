@@ -163,6 +163,7 @@ class MaskedMessenger(Messenger):
         return result
 
     def _pyro_sample(self, msg) -> None:
+        # Each masked site records its ordinary distribution in ``msg["infer"]["unmasked_fn"]``.
         name = msg["name"]
         if not msg["is_observed"] or (self.sites is not None and name not in self.sites):
             return
@@ -200,6 +201,8 @@ class MaskedMessenger(Messenger):
             mask_groups=self.mask_groups,
             generator=self.generator,
         )
+        # The site's ordinary distribution, for whoever reads the trace (the diagnostics).
+        msg["infer"] = dict(msg["infer"], unmasked_fn=fn)
 
 
 def _is_not_an_observation(msg) -> bool:

@@ -304,6 +304,10 @@ class Integration:
         msg["fn"] = IntegratedObservation(
             base, self.log_weights, schedule, num_masks, name, generator
         )
+        if schedule is not None:
+            # Unmasked, the same samples give the importance-weighted log p(x).
+            unmasked = IntegratedObservation(base, self.log_weights, None, 1, name)
+            msg["infer"] = dict(msg["infer"], unmasked_fn=unmasked)
 
     def check_latent(self, msg: dict) -> None:
         """Check a latent site that is not integrated against the integrated ones."""

@@ -264,3 +264,25 @@ def as_schedule(mask: MaskLike) -> MaskSchedule:
     raise TypeError(
         f"mask must be 'cumulative', an int, a float or a MaskSchedule, got {type(mask).__name__}"
     )
+
+
+class RateSize(FixedRate):
+    """A masking rate in ``(0, 1]`` as a single mask size per site.
+
+    :class:`FixedRate`'s rule, :math:`\\min(D, \\max(1, \\mathrm{round}(\\text{rate} \\cdot D)))`,
+    so a point of a masking-rate curve (:func:`~pyro_masked.mask_rate_curve`) is what
+    ``MaskedELBO(mask=rate)`` optimises, extended to ``rate = 1`` (every coordinate hidden: the
+    product of the marginals).
+
+    :param float rate: the fraction of coordinates hidden, in ``(0, 1]``.
+    """
+
+    def __init__(self, rate: float):
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise TypeError(f"mask rate must be a float in (0, 1], got {rate!r}")
+        if math.isnan(rate) or not 0.0 < rate <= 1.0:
+            raise ValueError(f"mask rate must lie in (0, 1], got {rate}")
+        self.rate = float(rate)
+
+    def __repr__(self) -> str:
+        return f"RateSize({self.rate})"

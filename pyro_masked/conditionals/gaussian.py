@@ -49,11 +49,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Optional, Union
+from typing import Optional
 
 import torch
 
 from pyro_masked.linalg import cholesky
+from pyro_masked.masks import context_weights, count_masks
 from pyro_masked.util import LOG_2PI
 
 __all__ = [
@@ -428,8 +429,8 @@ def gaussian_masked_score(
     covariance: torch.Tensor,
     residuals: torch.Tensor,
     size_weights: torch.Tensor,
-    num_masks: Union[int, str],
-    scatter: Any = None,
+    num_masks,
+    scatter=None,
     *,
     mask_groups: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
@@ -457,21 +458,19 @@ def gaussian_masked_score(
     """
     size = residuals.shape[-1]
     if num_masks != "all":
-        context_weights = size_weights.flip(0) / torch.arange(
-            size, 0, -1, dtype=size_weights.dtype, device=size_weights.device
-        )
+        weights = context_weights(size_weights)
         if mask_groups is not None:
             return _grouped_permuted_scores(
                 covariance,
                 residuals,
-                context_weights,
+                weights,
                 num_masks,  # type: ignore[arg-type]
                 mask_groups,
                 generator,
             )
         # num_masks is an int here ("all" is handled below)
         perms = random_permutations(num_masks, size, residuals.device, generator=generator)  # type: ignore[arg-type]
-        return _permuted_scores(covariance, residuals, context_weights, perms, scatter)
+        return _permuted_scores(covariance, residuals, weights, perms, scatter)
     # a tensor once the first size is added (every schedule has one)
     total: torch.Tensor = 0.0  # type: ignore[assignment]
     for index in torch.nonzero(size_weights).flatten().tolist():  # entry m - 1 for size m
@@ -483,16 +482,16 @@ def gaussian_masked_score(
             score = _marginal_score(covariance, residuals)
         else:
             perms = _subset_permutations(size, mask_size, residuals.device)
-            context_weights = torch.zeros_like(size_weights)
-            context_weights[size - mask_size] = size / mask_size
-            score = _permuted_scores(covariance, residuals, context_weights, perms, scatter)
+            weights = torch.zeros_like(size_weights)
+            weights[size - mask_size] = size / mask_size
+            score = _permuted_scores(covariance, residuals, weights, perms, scatter)
         total = total + weight * score
     return total
 
 
 def count_enumerated_masks(size: int, sizes: list[int]) -> int:
     """How many masks ``num_masks="all"`` conditions on (sizes ``1`` and ``D`` are closed form)."""
-    return sum(math.comb(size, m) for m in sizes if m not in (1, size))
+    return count_masks(size, [m for m in sizes if m not in (1, size)])
 
 
 def enumeration_bytes(

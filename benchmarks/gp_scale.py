@@ -1,0 +1,426 @@
+"""Large GPs: local masked pre-training against GPyTorch's exact GP, SVGP and VNNGP.
+
+Every method fits a GP with a ScaleKernel(Matérn-5/2) kernel, a constant mean and Gaussian
+noise to the same training split, for the same wall-clock budget, from the same initial
+hyperparameters, and predicts the same test split:
+
+- ``local``: an ``ExactGP`` trained with :class:`pyro_masked.MaskedMarginalLogLikelihood`
+  (``context_size=c``, ``batch_size=B``, cumulative schedule) by Adam; predictions by local
+  kriging from the ``c`` nearest training points (:func:`pyro_masked.local.local_predict`).
+- ``exact`` (``N <= 10^4`` only): GPyTorch's exact marginal log likelihood by Adam (Cholesky).
+- ``svgp``: :class:`gpytorch.variational.VariationalStrategy` with 1024 inducing points
+  (initialised on a random subset, learned), minibatches of ``B``, Adam.
+- ``vnngp``: :class:`gpytorch.variational.NNVariationalStrategy` with ``k = c`` neighbours,
+  every training point an inducing point, minibatches of ``B``, Adam.
+
+Data (random 90/10 splits, fixed seeds; inputs in the unit cube, targets standardised):
+
+- ``synthetic``: a 2-D field drawn from a Matérn-5/2 GP (lengthscale 0.1, outputscale 1) plus
+  noise of variance 0.01; sampled exactly up to ``N = 10^4`` points, above by 4096 random
+  Fourier features (spectral sampling of the same kernel); at most 10^5 test points.
+- ``diamonds``: log price from the six numeric columns (carat, depth, table, x, y, z) of the
+  diamonds table shipped with plotnine (53 940 rows; repeated inputs kept).
+
+Reported per method: test RMSE, test mean log predictive density (MLPD, nats per point, noise
+included), learned hyperparameters, wall time (training + prediction, neighbour search
+included), median time per training step, and peak memory (CUDA: peak allocated by the
+method; CPU: the process's peak resident memory so far, monotone over the run). With
+``--evidence`` (synthetic, ``N <= 10^4``) it also compares the local evidence estimate at the
+exact fit's hyperparameters with the exact log marginal likelihood.
+
+Usage::
+
+    python benchmarks/gp_scale.py --dataset synthetic --size 10000 --budget 60
+    python benchmarks/gp_scale.py --dataset diamonds --budget 60
+    python benchmarks/gp_scale.py --quick          # a small, fast run of everything
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+
+import gpytorch
+import numpy as np
+import torch
+
+from pyro_masked import MaskedMarginalLogLikelihood
+from pyro_masked.local import estimate_local_log_marginal, local_predict
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def matern_field(num_points: int, dim: int, seed: int, dtype, exact_up_to: int = 10_000):
+    """Inputs in the unit cube and a Matérn-5/2 GP draw plus noise at them."""
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.rand(num_points, dim, generator=generator, dtype=torch.float64)
+    lengthscale, noise = 0.1, 0.01
+    if num_points <= exact_up_to:
+        kernel = gpytorch.kernels.MaternKernel(nu=2.5).double()
+        kernel.lengthscale = lengthscale
+        with torch.no_grad():
+            covariance = kernel(X).to_dense() + 1e-6 * torch.eye(num_points, dtype=X.dtype)
+            f = torch.linalg.cholesky(covariance) @ torch.randn(
+                num_points, generator=generator, dtype=X.dtype
+            )
+    else:
+        # Random Fourier features: omega ~ multivariate t with 2 nu degrees of freedom and
+        # scale 1/lengthscale is the Matérn-nu spectral density.
+        num_features, nu = 4096, 2.5
+        gaussian = torch.randn(num_features, dim, generator=generator, dtype=X.dtype)
+        chi2 = torch.distributions.Chi2(torch.tensor(2 * nu, dtype=X.dtype))
+        torch.manual_seed(seed)
+        omega = gaussian * (2 * nu / chi2.sample((num_features, 1))).sqrt() / lengthscale
+        phase = 2 * math.pi * torch.rand(num_features, generator=generator, dtype=X.dtype)
+        weights = torch.randn(num_features, generator=generator, dtype=X.dtype)
+        f = torch.empty(num_points, dtype=X.dtype)
+        for start in range(0, num_points, 20_000):
+            block = X[start : start + 20_000]
+            f[start : start + 20_000] = torch.cos(block @ omega.T + phase) @ weights
+        f *= math.sqrt(2.0 / num_features)
+    y = f + math.sqrt(noise) * torch.randn(num_points, generator=generator, dtype=X.dtype)
+    return X.to(dtype), y.to(dtype)
+
+
+def diamonds(dtype, csv_path=None):
+    if csv_path is None:
+        from plotnine.data import diamonds as table
+    else:  # the same table exported to CSV, for machines without plotnine
+        import pandas
+
+        table = pandas.read_csv(csv_path)
+
+    columns = ["carat", "depth", "table", "x", "y", "z"]
+    X = torch.tensor(table[columns].to_numpy(dtype=np.float64))
+    y = torch.tensor(np.log(table["price"].to_numpy(dtype=np.float64)))
+    return X.to(dtype), y.to(dtype)
+
+
+def split(X, y, test_fraction: float, max_test: int, seed: int):
+    generator = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(X.shape[0], generator=generator)
+    num_test = min(max_test, int(test_fraction * X.shape[0]))
+    test, train = order[:num_test], order[num_test:]
+    low, high = X[train].amin(0), X[train].amax(0)
+    scale = torch.where(high > low, high - low, torch.ones_like(high))
+    center, spread = y[train].mean(), y[train].std()
+    standard_X = (X - low) / scale
+    standard_y = (y - center) / spread
+    return standard_X[train], standard_y[train], standard_X[test], standard_y[test]
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def matern_kernel(dim: int):
+    kernel = gpytorch.kernels.ScaleKernel(
+        gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=dim if dim > 2 else None)
+    )
+    kernel.base_kernel.lengthscale = 0.3
+    kernel.outputscale = 1.0
+    return kernel
+
+
+class ExactModel(gpytorch.models.ExactGP):
+    def __init__(self, X, y, likelihood):
+        super().__init__(X, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = matern_kernel(X.shape[-1])
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+class ApproximateModel(gpytorch.models.ApproximateGP):
+    def __init__(self, strategy_factory, dim):
+        super().__init__(strategy_factory(self))
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = matern_kernel(dim)
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    def __call__(self, x, prior: bool = False, **kwargs):
+        # VNNGP trains with x=None (the strategy draws its own minibatch), which
+        # ApproximateGP.__call__ does not accept.
+        return self.variational_strategy(x=x, prior=prior, **kwargs)
+
+
+def new_likelihood():
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    likelihood.noise = 0.1
+    return likelihood
+
+
+def hyperparameters(kernel, likelihood) -> dict:
+    lengthscale = kernel.base_kernel.lengthscale.detach().flatten().tolist()
+    return {
+        "lengthscale": [round(value, 4) for value in lengthscale],
+        "outputscale": round(kernel.outputscale.item(), 4),
+        "noise": round(likelihood.noise.item(), 5),
+    }
+
+
+def gaussian_metrics(mean, variance, y) -> dict:
+    mean, variance, y = mean.double(), variance.double(), y.double()
+    log_density = -0.5 * ((y - mean).square() / variance + variance.log() + LOG_2PI)
+    return {
+        "rmse": (y - mean).square().mean().sqrt().item(),
+        "mlpd": log_density.mean().item(),
+    }
+
+
+def train_for(budget: float, step) -> list[float]:
+    """Call ``step`` until ``budget`` seconds have passed; the time of each step."""
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget:
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+    return times
+
+
+def run_local(data, args):
+    X, y, Xtest, ytest = data
+    likelihood = new_likelihood().to(X)
+    model = ExactModel(X, y, likelihood).to(X)
+    model.train()
+    mll = MaskedMarginalLogLikelihood(
+        likelihood,
+        model,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        allow_duplicates=True,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    mll(model(X), y)  # neighbour search, inside the timed run but outside the step times
+
+    def step():
+        optimizer.zero_grad()
+        (-mll(model(X), y)).backward()
+        optimizer.step()
+
+    times = train_for(args.budget, step)
+    with torch.no_grad():
+        predictive = local_predict(
+            model.covar_module,
+            X,
+            y,
+            Xtest,
+            likelihood.noise,
+            args.context_size,
+            mean=model.mean_module,
+            noiseless=False,
+            index=mll._local_cache.objective.index,
+        )
+    return model, likelihood, times, gaussian_metrics(predictive.mean, predictive.variance, ytest)
+
+
+def run_exact(data, args):
+    X, y, Xtest, ytest = data
+    likelihood = new_likelihood().to(X)
+    model = ExactModel(X, y, likelihood).to(X)
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    def step():
+        optimizer.zero_grad()
+        with gpytorch.settings.max_cholesky_size(10**7):
+            (-mll(model(X), y)).backward()
+        optimizer.step()
+
+    times = train_for(args.budget, step)
+    model.eval()
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**7):
+        predictive = likelihood(model(Xtest))
+    return model, likelihood, times, gaussian_metrics(predictive.mean, predictive.variance, ytest)
+
+
+def run_variational(data, args, kind: str):
+    X, y, Xtest, ytest = data
+    likelihood = new_likelihood().to(X)
+    generator = torch.Generator().manual_seed(0)
+    if kind == "svgp":
+        inducing = X[torch.randperm(X.shape[0], generator=generator)[: args.inducing]].clone()
+
+        def factory(model):
+            distribution = gpytorch.variational.CholeskyVariationalDistribution(inducing.shape[0])
+            return gpytorch.variational.VariationalStrategy(
+                model, inducing, distribution, learn_inducing_locations=True
+            )
+
+    else:
+
+        def factory(model):
+            distribution = gpytorch.variational.MeanFieldVariationalDistribution(X.shape[0])
+            return gpytorch.variational.NNVariationalStrategy(
+                model,
+                X.clone(),
+                distribution,
+                k=args.context_size,
+                training_batch_size=args.batch_size,
+            )
+
+    model = ApproximateModel(factory, X.shape[-1]).to(X)
+    model.train()
+    likelihood.train()
+    mll = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=X.shape[0])
+    optimizer = torch.optim.Adam([*model.parameters(), *likelihood.parameters()], lr=args.lr)
+
+    def step():
+        optimizer.zero_grad()
+        if kind == "svgp":
+            batch = torch.randint(X.shape[0], (args.batch_size,), generator=generator)
+            loss = -mll(model(X[batch]), y[batch])
+        else:
+            output = model(x=None)
+            batch = model.variational_strategy.current_training_indices
+            loss = -mll(output, y[batch])
+        loss.backward()
+        optimizer.step()
+
+    times = train_for(args.budget, step)
+    model.eval()
+    likelihood.eval()
+    means, variances = [], []
+    with torch.no_grad():
+        for start in range(0, Xtest.shape[0], 4096):
+            predictive = likelihood(model(Xtest[start : start + 4096]))
+            means.append(predictive.mean)
+            variances.append(predictive.variance)
+    metrics = gaussian_metrics(torch.cat(means), torch.cat(variances), ytest)
+    return model, likelihood, times, metrics
+
+
+def evidence_check(model, likelihood, X, y, args) -> dict:
+    """Local evidence estimate at the exact fit's hyperparameters against the exact value."""
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**7):
+        model.train()
+        exact = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+        exact_value = exact(model(X), y).item() * X.shape[0]
+        estimate = estimate_local_log_marginal(
+            model.covar_module,
+            X,
+            y,
+            likelihood.noise,
+            args.context_size,
+            mean=model.mean_module(X),
+            num_batches=16,
+            batch_size=4096,
+            seed=0,
+        )
+    return {
+        "exact": exact_value,
+        "local_estimate": estimate.estimate,
+        "stderr": estimate.stderr,
+        "relative_error": abs(estimate.estimate - exact_value) / abs(exact_value),
+    }
+
+
+# -- driver ---------------------------------------------------------------------------------
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=["synthetic", "diamonds"], default="synthetic")
+    parser.add_argument("--size", type=int, default=10_000, help="N (synthetic)")
+    parser.add_argument("--dim", type=int, default=2, help="input dimension (synthetic)")
+    parser.add_argument("--methods", default="local,exact,svgp,vnngp")
+    parser.add_argument("--budget", type=float, default=60.0, help="training seconds per method")
+    parser.add_argument("--context-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--inducing", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--evidence", action="store_true", help="evidence check (N <= 10^4)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--diamonds-csv", help="the diamonds table as CSV (without plotnine)")
+    parser.add_argument("--quick", action="store_true", help="N = 2000, 10 s budgets")
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.budget = min(args.size, 2000), min(args.budget, 10.0)
+        args.batch_size, args.inducing = min(args.batch_size, 256), min(args.inducing, 256)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.dataset == "synthetic":
+        X, y = matern_field(args.size + min(100_000, args.size // 9), args.dim, args.seed, dtype)
+    else:
+        X, y = diamonds(dtype, args.diamonds_csv)
+    data = [t.to(device) for t in split(X, y, 0.1, 100_000, args.seed)]
+    header = {
+        "dataset": args.dataset,
+        "num_train": data[0].shape[0],
+        "num_test": data[2].shape[0],
+        "dim": data[0].shape[1],
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "budget_s": args.budget,
+        "context_size": args.context_size,
+        "batch_size": args.batch_size,
+    }
+    print(json.dumps(header), flush=True)
+    runners = {
+        "local": run_local,
+        "exact": run_exact,
+        "svgp": lambda d, a: run_variational(d, a, "svgp"),
+        "vnngp": lambda d, a: run_variational(d, a, "vnngp"),
+    }
+    rows = []
+    for method in args.methods.split(","):
+        if method == "exact" and data[0].shape[0] > 10_000:
+            continue
+        torch.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        model, likelihood, times, metrics = runners[method](data, args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row = {
+            "method": method,
+            **{key: round(value, 4) for key, value in metrics.items()},
+            **hyperparameters(model.covar_module, likelihood),
+            "wall_s": round(time.perf_counter() - start, 1),
+            "steps": len(times),
+            "median_step_ms": round(1000 * statistics.median(times), 2) if times else None,
+            "peak_mib": round(peak_memory_mib(device)),
+        }
+        if method == "exact" and args.evidence:
+            row["evidence"] = evidence_check(model, likelihood, data[0], data[1], args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(
+        "\n| method | test RMSE | test MLPD | lengthscale | outputscale | noise | wall s | "
+        "steps | step ms | peak MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['method']} | {row['rmse']:.4f} | {row['mlpd']:.4f} | {row['lengthscale']} | "
+            f"{row['outputscale']} | {row['noise']} | {row['wall_s']} | {row['steps']} | "
+            f"{row['median_step_ms']} | {row['peak_mib']} |"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Masked pre-training of Gaussian processes at scale, from local contexts and minibatches.
+
+- :mod:`~pyro_masked.local.neighbors`: the one-off nearest-neighbour search.
+- :mod:`~pyro_masked.local.sampler`: masking triples (context size, hidden point, context).
+- :mod:`~pyro_masked.local.conditionals`: batched Gaussian conditionals given small contexts.
+- :mod:`~pyro_masked.local.estimator`: unbiased minibatch estimates of the masked score and
+  of the evidence.
+- :mod:`~pyro_masked.local.predict`: local kriging at new inputs.
+"""
+
+from pyro_masked.local.conditionals import (
+    LocalConditional,
+    conditional_given_context,
+    local_log_predictive,
+)
+from pyro_masked.local.estimator import (
+    LocalLogMarginalEstimate,
+    LocalMaskedObjective,
+    estimate_local_log_marginal,
+)
+from pyro_masked.local.neighbors import NeighborIndex
+from pyro_masked.local.predict import local_predict
+from pyro_masked.local.sampler import (
+    ContextBatch,
+    ContextSampler,
+    ContextSizeSampler,
+    smallest_ranks,
+)
+
+__all__ = [
+    "ContextBatch",
+    "ContextSampler",
+    "ContextSizeSampler",
+    "LocalConditional",
+    "LocalLogMarginalEstimate",
+    "LocalMaskedObjective",
+    "NeighborIndex",
+    "conditional_given_context",
+    "estimate_local_log_marginal",
+    "local_log_predictive",
+    "local_predict",
+    "smallest_ranks",
+]

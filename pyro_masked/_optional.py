@@ -1,10 +1,10 @@
 """Imports of optional dependencies, with an error that says which extra installs them.
 
 As in Pyro, what only some users need is an extra rather than a core dependency: matplotlib
-(the ``plot`` extra) draws the diagnostics' figures and the main job's forecast, ArviZ (``arviz``)
-receives pointwise log predictives and PyTorch Lightning (``distributed``) runs the data-parallel training
-plan. tqdm is a core dependency, as it is Pyro's, and so is
-scikit-learn, the default nearest-neighbour search of local contexts.
+(the ``plot`` extra) draws the diagnostics' figures and the main job's forecast, ArviZ
+(``arviz``) receives pointwise log predictives, and PyTorch Lightning (``distributed``) runs the
+data-parallel training plan. tqdm is a core dependency, as it is Pyro's, and so is scikit-learn,
+the default nearest-neighbour search of local contexts.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class RankRandomness:
         return f"RankRandomness(seed={self.seed}, rank={self.rank}, device={self.device})"
 
     def _cuda_index(self) -> int:
-        index = self.device.index
+        index = self.device.index  # type: ignore[union-attr]
         return torch.cuda.current_device() if index is None else index
 
     def _initial_stream(self) -> dict:
@@ -227,7 +227,7 @@ class RankRandomness:
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         self._stream = self._global_states()
-        self._load(self._saved)
+        self._load(self._saved)  # type: ignore[arg-type]
         self._saved = None
 
     def __call__(self, fn: Callable) -> Callable:
@@ -323,7 +323,7 @@ def _signature(result, values: dict) -> tuple:
         (name, None if value is None else tuple(torch.as_tensor(value).shape))
         for name, value in values.items()
     )
-    fixed = ()
+    fixed: tuple[tuple[str, str], ...] = ()
     if dataclasses.is_dataclass(result):
         rules = _FIELDS[type(result)]
         fixed = tuple(
@@ -451,7 +451,7 @@ def reduce_log_marginal(
             combined[name] = float(total[0])
     if not dataclasses.is_dataclass(result):
         return combined["estimate"], combined["stderr"]
-    return dataclasses.replace(result, **combined)
+    return dataclasses.replace(result, **combined)  # type: ignore[type-var]
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,14 +522,14 @@ def _make_lightning_module(lightning) -> type:
                 # A second fit continues the stream; a new rank or device starts its own.
                 self.randomness = RankRandomness(self.seed, rank=self.global_rank, device=device)
 
-        def forward(self, *args, **kwargs) -> torch.Tensor:
+        def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
             """The masked loss of the model's arguments, with this rank's masks."""
             if self.randomness is None:
                 self.randomness = RankRandomness(self.seed)
             with self.randomness:
                 return self.loss_fn(*args, **kwargs)
 
-        def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             """The loss of this rank's part of the global batch, logged as ``train_loss``."""
             # A batch is the model's arguments: a tuple (TensorDataset), a dict of keyword
             # arguments, or one tensor.
@@ -542,7 +542,7 @@ def _make_lightning_module(lightning) -> type:
             self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=_size(batch))
             return loss
 
-        def configure_optimizers(self):
+        def configure_optimizers(self) -> Any:
             """Adam over the loss module's parameters, or the ``optimizer`` given."""
             if self.optimizer_factory is not None:
                 return self.optimizer_factory(self.loss_fn.parameters())

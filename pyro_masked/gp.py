@@ -436,7 +436,7 @@ class GPRegression(PyroModule):
                 lambda points: self._kernel(points, points, overrides),
                 self.X,
                 self.y,
-                noise + self.jitter,
+                noise + self.jitter,  # type: ignore[operator]
                 self.batch_size,
                 mean=self._mean(self.X, overrides),
             )
@@ -516,10 +516,10 @@ class GPRegression(PyroModule):
                 self.y,
                 Xnew,
                 noise + self.jitter,
-                self.context_size,
+                self.context_size,  # type: ignore[arg-type]
                 mean=lambda x: self._mean(x, overrides),
                 noiseless=noiseless,
-                index=self._local_objective.index,
+                index=self._local_objective.index,  # type: ignore[union-attr]
             )
         return predictive.mean, predictive.variance
 

@@ -35,6 +35,7 @@ __all__ = [
     "FixedRate",
     "FixedSize",
     "MaskSchedule",
+    "RateSize",
     "SizeWeights",
     "as_schedule",
     "context_weights",
@@ -148,7 +149,6 @@ class FixedRate(MaskSchedule):
         self.rate = float(rate)
 
     def mask_size(self, event_size: int) -> int:
-        """The mask size for an event of ``event_size`` coordinates."""
         """The number of hidden coordinates for an event of ``event_size`` coordinates."""
         rounded = math.floor(self.rate * event_size + 0.5 + _HALF_TOLERANCE)
         return min(event_size, max(1, rounded))

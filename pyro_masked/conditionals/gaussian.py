@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -429,8 +429,8 @@ def gaussian_masked_score(
     covariance: torch.Tensor,
     residuals: torch.Tensor,
     size_weights: torch.Tensor,
-    num_masks,
-    scatter=None,
+    num_masks: Union[int, str],
+    scatter: Any = None,
     *,
     mask_groups: Optional[int] = None,
     generator: Optional[torch.Generator] = None,

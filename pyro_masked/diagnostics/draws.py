@@ -22,7 +22,7 @@ import math
 import numbers
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -65,6 +65,7 @@ def check_num_draws(num_draws: int, argument: str = "num_draws") -> int:
 
 
 def check_seed(seed: Optional[int]) -> Optional[int]:
+    """Validate ``seed``: ``None`` or an int (not a bool)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
     return None if seed is None else int(seed)
@@ -80,7 +81,14 @@ class ModelCall:
     kwargs: dict
 
     @classmethod
-    def of(cls, model, guide, model_args, model_kwargs) -> ModelCall:
+    def of(
+        cls,
+        model: Callable,
+        guide: Optional[Callable],
+        model_args: tuple,
+        model_kwargs: Optional[dict],
+    ) -> ModelCall:
+        """Validate a model, its guide (``None``: an empty one) and their arguments."""
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         if guide is not None and not callable(guide):
@@ -104,6 +112,8 @@ def _empty_guide(*args, **kwargs) -> None:
     return None
 
 
+#: ``mask_groups`` of the estimators: ``"vector"`` (independent permutations per vector), an
+#: int number of groups, or ``None`` (one permutation shared by every vector).
 MaskGroups = Union[int, str, None]
 
 #: The evidence estimators' default ``mask_groups``: independent permutations for every vector.
@@ -132,7 +142,15 @@ class DrawOptions:
     mask_groups: MaskGroups = EVERY_VECTOR
 
     @classmethod
-    def of(cls, num_masks, sites, integrate, num_samples, mask_groups) -> DrawOptions:
+    def of(
+        cls,
+        num_masks: NumMasks,
+        sites: Optional[Iterable[str]],
+        integrate: Optional[Iterable[str]],
+        num_samples: int,
+        mask_groups: Union[int, str, None],
+    ) -> DrawOptions:
+        """Validate the options as :class:`~pyro_masked.MaskedELBO` and the estimators take them."""
         num_masks = check_num_masks(num_masks)
         sites = check_sites(sites)
         mask_groups = check_evidence_mask_groups(mask_groups)
@@ -149,18 +167,24 @@ class DrawOptions:
             mask_groups,
         )
 
-    def replace(self, **changes) -> DrawOptions:
+    def replace(self, **changes: Any) -> DrawOptions:
+        """A copy with the given fields changed."""
         return dataclasses.replace(self, **changes)
 
     def loss(self, schedule: MaskSchedule) -> MaskedELBO:
+        """The :class:`~pyro_masked.MaskedELBO` a draw evaluates under ``schedule``."""
         # Latent integration is passed only when asked for, so that its arguments stay optional.
-        extra = {}
+        extra: dict = {}
         if self.integrate:
             extra = {"integrate": self.integrate, "num_samples": self.num_samples}
         # One group per vector: any count at least the number of vectors means that.
         groups = sys.maxsize if self.mask_groups == EVERY_VECTOR else self.mask_groups
         return MaskedELBO(
-            mask=schedule, num_masks=self.num_masks, sites=self.sites, mask_groups=groups, **extra
+            mask=schedule,
+            num_masks=self.num_masks,
+            sites=self.sites,
+            mask_groups=groups,  # type: ignore[arg-type]
+            **extra,
         )
 
 
@@ -181,9 +205,11 @@ class Draw:
     latents: dict = dataclasses.field(default_factory=dict)  # guide site -> sampled value
 
     def masked_total(self) -> float:
+        """The masked scores of the observed sites plus the latent sites' terms."""
         return self.offset + sum(float(v.sum()) for v in self.masked_scores.values())
 
     def unmasked_total(self) -> float:
+        """The same total with the ordinary log densities of the observed sites."""
         return self.offset + sum(float(v.sum()) for v in self.unmasked_scores.values())
 
     def exact_value(self) -> Optional[float]:
@@ -192,7 +218,7 @@ class Draw:
 
 
 @contextlib.contextmanager
-def seeded(seed: int):
+def seeded(seed: int) -> Iterator[None]:
     """Run under a fixed torch seed without disturbing the caller's generator state."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
@@ -212,7 +238,7 @@ def draw_seeds(count: int, seed: Optional[int]) -> list[int]:
     return torch.randint(0, 2**32, (count,), dtype=torch.int64, generator=generator).tolist()
 
 
-def check_full_plates(name: str, site) -> None:
+def check_full_plates(name: str, site: Any) -> None:
     """Refuse an observed site inside a subsampled plate.
 
     A subsample is scaled up to stand for the whole data set, so a draw's total is a random

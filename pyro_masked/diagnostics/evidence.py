@@ -8,9 +8,12 @@ masked ELBO, an unbiased estimate of the ordinary ELBO. See :mod:`pyro_masked.di
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    import arviz
 
 from pyro_masked.diagnostics.draws import (
     DEFAULT_NUM_DRAWS,
@@ -128,7 +131,7 @@ class PointwiseMaskedLogProb:
         mean, stderr = mean_and_stderr(torch.as_tensor(per_draw, dtype=torch.float64))
         return Total(float(mean), float(stderr))
 
-    def as_inference_data(self):
+    def as_inference_data(self) -> arviz.InferenceData:
         """This result as an ArviZ ``InferenceData``; see :func:`to_inference_data`."""
         from pyro_masked.diagnostics.inference_data import to_inference_data
 
@@ -204,8 +207,15 @@ def estimate_log_marginal(
 
     Example::
 
-        >>> result = estimate_log_marginal(ppca_model, model_args=(data,), num_draws=64)
-        >>> result.estimate, result.stderr, result.exact
+        >>> def ppca(x):  # probabilistic PCA with its latent integrated out
+        ...     weight = torch.tensor([[1.0], [0.5], [-0.5], [0.2]])
+        ...     covariance = weight @ weight.T + 0.3 * torch.eye(4)
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         pyro.sample("x", dist.MultivariateNormal(torch.zeros(4), covariance), obs=x)
+        >>> x = torch.randn(200, 4)
+        >>> result = estimate_log_marginal(ppca, model_args=(x,), num_draws=64)
+        >>> abs(result.estimate - result.exact) < 3 * result.stderr  # exact: log p(x) by Cholesky
+        True
     """
     call = ModelCall.of(model, guide, model_args, model_kwargs)
     options = DrawOptions.of(num_masks, sites, integrate, num_samples, mask_groups)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 from pyro_masked.diagnostics.evidence import PointwiseMaskedLogProb
+
+if TYPE_CHECKING:
+    import arviz
 
 __all__ = ["to_inference_data"]
 
@@ -33,7 +37,7 @@ def _numpy(tensors: dict) -> dict:
     return {name: tensor.detach().cpu().numpy() for name, tensor in tensors.items()}
 
 
-def to_inference_data(pointwise: PointwiseMaskedLogProb):
+def to_inference_data(pointwise: PointwiseMaskedLogProb) -> arviz.InferenceData:
     """Export pointwise masked log predictives to an ArviZ ``InferenceData``.
 
     Groups:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from pyro_masked.diagnostics.rates import FixedRateBias, MaskRateCurve
 
 __all__ = ["plot_fixed_rate_bias", "plot_mask_rate_curve"]
@@ -48,7 +50,7 @@ def _rate_axis(ax, mask_sizes: dict) -> None:
         top.set_xlabel(f"mask size m (of D = {size} coordinates)")
 
 
-def plot_mask_rate_curve(curve: MaskRateCurve, ax=None):
+def plot_mask_rate_curve(curve: MaskRateCurve, ax: Optional[Axes] = None) -> Axes:
     """Draw the fixed-rate estimate :math:`D\\,S(x; m)` against the rate, as steps.
 
     Each rate stands for the rates from the previous grid point (or 0) up to it, so the area
@@ -109,7 +111,7 @@ def _padded_limits(heights: list, errors: list, exact: Optional[float]) -> tuple
     return low - pad, high + pad
 
 
-def plot_fixed_rate_bias(bias: FixedRateBias, ax=None):
+def plot_fixed_rate_bias(bias: FixedRateBias, ax: Optional[Axes] = None) -> Axes:
     """Draw the bias against the masking rate.
 
     Rates where every mask was enumerated (exact) are filled markers; Monte Carlo rates are

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 from pyro_masked.conditionals.gaussian import enumeration_fits
 from pyro_masked.diagnostics.draws import (
@@ -66,7 +69,7 @@ class MaskRateCurve:
     num_draws: int
     num_masks: NumMasks
 
-    def plot(self, ax=None):
+    def plot(self, ax: Optional[Axes] = None) -> Axes:
         """Draw the fixed-rate estimate :math:`D\\,S(x; m)` against the rate, area shaded.
 
         See :func:`pyro_masked.diagnostics.plotting.plot_mask_rate_curve`.
@@ -100,7 +103,7 @@ class FixedRateBias:
     exact: float
     num_draws: torch.Tensor
 
-    def plot(self, ax=None):
+    def plot(self, ax: Optional[Axes] = None) -> Axes:
         """Draw the bias against the masking rate, with two-standard-error bars.
 
         See :func:`pyro_masked.diagnostics.plotting.plot_fixed_rate_bias`.

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import gpytorch
 import numpy as np
@@ -52,7 +52,7 @@ from pyro_masked.local.sampler import (
     ContextSizeSampler,
     _generator,
 )
-from pyro_masked.masks import MaskLike
+from pyro_masked.masks import MaskLike, MaskSchedule
 
 __all__ = ["LocalLogMarginalEstimate", "LocalMaskedObjective", "estimate_local_log_marginal"]
 
@@ -111,7 +111,8 @@ class LocalMaskedObjective:
         )
 
     @property
-    def schedule(self):
+    def schedule(self) -> MaskSchedule:
+        """The mask schedule the context sizes are drawn from."""
         return self.size_sampler.schedule
 
     def matches(self, X: torch.Tensor) -> bool:
@@ -196,6 +197,7 @@ class LocalLogMarginalEstimate:
 
     @property
     def per_point(self) -> float:
+        """The estimate divided by the number of data points."""
         return self.estimate / self.num_points
 
 
@@ -203,7 +205,7 @@ def estimate_local_log_marginal(
     kernel: gpytorch.kernels.Kernel,
     X: torch.Tensor,
     y: torch.Tensor,
-    noise,
+    noise: Union[float, torch.Tensor],
     context_size: int,
     mean: MeanLike = None,
     mask: MaskLike = "cumulative",

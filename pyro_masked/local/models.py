@@ -17,7 +17,7 @@ local masked estimate; :class:`~pyro.infer.Trace_ELBO` and :class:`~pyro_masked.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import gpytorch
 import numpy as np
@@ -44,12 +44,13 @@ class LocalObjectiveCache:
         (``mask``, ``stratified``, ``num_neighbors``, ``backend``, ``allow_duplicates``, ...).
     """
 
-    def __init__(self, context_size: int, **options):
+    def __init__(self, context_size: int, **options: Any):
         self.context_size = check_count(context_size, "context_size")
         self.options = options
         self.objective: Optional[LocalMaskedObjective] = None
 
     def get(self, X: torch.Tensor) -> LocalMaskedObjective:
+        """The objective for the inputs ``X``, built again only when ``X`` changed."""
         objective = self.objective
         if objective is not None:
             if objective.matches(X):
@@ -92,9 +93,9 @@ def local_masked_score(
     target: torch.Tensor,
     likelihood: gpytorch.likelihoods.Likelihood,
     batch_size: int,
-    *params,
+    *params: Any,
     rng: Optional[np.random.Generator] = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Unbiased minibatch estimate of the local masked score of a GPyTorch exact GP (a sum
     over data points, not divided by :math:`N`).
@@ -151,9 +152,9 @@ def local_observe(
     with pyro.plate(
         name + "_points", num_points, subsample_size=min(batch_size, num_points)
     ) as targets:
-        batch = objective.sample(len(targets), rng, targets=targets)
+        batch = objective.sample(len(targets), rng, targets=targets)  # type: ignore[arg-type]
         conditional = conditional_given_context(kernel, X, y, batch, noise, mean)
         pyro.sample(
             name, dist.Normal(conditional.mean, conditional.variance.sqrt()), obs=y[targets]
         )
-    return targets
+    return targets  # type: ignore[return-value]

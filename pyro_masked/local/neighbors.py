@@ -24,7 +24,7 @@ positive definite) and breaks ties by the library's order.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def check_inputs(X: torch.Tensor, name: str = "X") -> torch.Tensor:
     return X
 
 
-def check_count(value, name: str) -> int:
+def check_count(value: Any, name: str) -> int:
     """Validate a positive integer argument ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}")

@@ -17,7 +17,7 @@ test points so memory stays :math:`O(\\text{chunk\\_size} \\cdot c^2)` whatever 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import gpytorch
 import torch
@@ -33,7 +33,7 @@ def local_predict(
     X: torch.Tensor,
     y: torch.Tensor,
     Xnew: torch.Tensor,
-    noise,
+    noise: Union[float, torch.Tensor],
     context_size: int,
     mean: MeanLike = None,
     noiseless: bool = True,
@@ -89,7 +89,7 @@ def local_predict(
         if mean is None:
             context_mean, new_mean = y.new_zeros(nearest.shape), y.new_zeros(new.shape[0])
         else:
-            context_mean, new_mean = train_mean[nearest], mean(new)
+            context_mean, new_mean = train_mean[nearest], mean(new)  # type: ignore[index]
         context_noise = noise[nearest] if per_point else noise.reshape(()).expand(nearest.shape)
         target_noise = torch.zeros_like(context_noise[:, :1])
         if not noiseless:

@@ -201,6 +201,7 @@ class ContextSampler:
 
     @property
     def num_points(self) -> int:
+        """The number of training points, :math:`N`."""
         return self.index.num_points
 
     def neighbor_lists(self) -> np.ndarray:

@@ -107,6 +107,7 @@ _TUTORIAL_ORDER = [
     "training_curves",
     "mask_rate_curve",
     "gp_regression",
+    "large_gp",
     "binary_digits",
 ]
 _notebooks = sorted(path.stem for path in _TUTORIALS_DST.glob("*.ipynb"))

@@ -124,7 +124,7 @@ _write_if_changed(
 # so inventories are read from docs/_inventories/<name>.inv when that file is committed; a name
 # without a local inventory is fetched from the web only with PYRO_MASKED_DOCS_ONLINE=1 and is
 # otherwise left out (its references render as plain code, without a warning).
-# `python docs/_inventories/fetch.py` refreshes the local copies.
+# docs/_inventories/README.md says how to store or refresh the local copies.
 _INTERSPHINX_SITES = {
     "python": "https://docs.python.org/3/",
     "torch": "https://docs.pytorch.org/docs/stable/",

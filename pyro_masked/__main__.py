@@ -34,6 +34,7 @@ import pyro
 import torch
 from tqdm import tqdm
 
+from pyro_masked._optional import import_optional
 from pyro_masked.datasets import load_mauna_loa_co2
 from pyro_masked.gp import GPRegression
 from pyro_masked.gpytorch import deterministic_num_masks
@@ -551,8 +552,7 @@ def format_summary(masked: FitResult, exact: FitResult, total_seconds: float) ->
 
 
 def _plot(masked: FitResult, exact: FitResult, data: _Standardised, path: str) -> None:
-    import matplotlib
-
+    matplotlib = import_optional("matplotlib", "the main job's forecast plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -613,6 +613,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.output = resolve_output(args.output)
+    try:  # before the fits, so that a missing plotting package costs no work
+        import_optional("matplotlib", "the main job's forecast plot")
+    except ImportError as error:
+        parser.error(str(error))
     try:
         check_writable(args.output)
     except OSError as error:

@@ -188,3 +188,12 @@ def test_bad_options_get_argparse_errors(argv, message, tmp_path, monkeypatch, c
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_plotting_package_stops_the_job_before_the_fits(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(main_module, "_fit", _fail_if_fitted)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output", str(tmp_path / "forecast.png")])
+    assert exit_info.value.code == 2
+    assert 'pip install "pyro_masked[plot]"' in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
+from pyro_masked._optional import import_optional
 from pyro_masked.diagnostics.evidence import PointwiseMaskedLogProb
 
 if TYPE_CHECKING:
@@ -14,19 +15,12 @@ __all__ = ["to_inference_data"]
 
 
 def _import_arviz():
-    try:
-        with warnings.catch_warnings():
-            # ArviZ 0.2x announces its 1.0 refactor on import; nothing here depends on it.
-            warnings.filterwarnings(
-                "ignore", message=".*ArviZ is undergoing a major refactor", category=FutureWarning
-            )
-            import arviz
-    except ImportError as error:
-        raise ImportError(
-            "to_inference_data needs ArviZ, an optional dependency: pip install arviz "
-            "(or pip install pyro_masked[tutorials])"
-        ) from error
-    return arviz
+    with warnings.catch_warnings():
+        # ArviZ 0.2x announces its 1.0 refactor on import; nothing here depends on it.
+        warnings.filterwarnings(
+            "ignore", message=".*ArviZ is undergoing a major refactor", category=FutureWarning
+        )
+        return import_optional("arviz", "to_inference_data")
 
 
 #: The group holding the masked draws: a name no ArviZ function reads on its own.

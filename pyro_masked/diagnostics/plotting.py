@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from pyro_masked._optional import import_optional
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
@@ -21,8 +23,7 @@ RATE_LABEL = "masking rate (share of coordinates hidden)"
 def _new_axes(ax):
     if ax is not None:
         return ax
-    import matplotlib.pyplot as plt
-
+    plt = import_optional("matplotlib.pyplot", "plotting a diagnostic")
     _, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
     return ax
 

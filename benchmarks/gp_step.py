@@ -20,6 +20,11 @@ Usage::
 
     python benchmarks/gp_step.py [--size 2000 [4000 ...]] [--repeats 7] [--threads N]
         [--dtype float64|float32] [--device cpu|cuda]
+
+Every run also writes the printed numbers, one row per size and method, to
+``benchmarks/results/gp_step_<device>_<dtype>.json`` (``benchmarks/report.py``), which the
+documentation's performance page renders; a later run with the same device and dtype replaces
+it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from report import command_line, describe_machine, write_results
 
 METHODS = ("exact", "masked", "pyro-masked", "pyro-exact")
 
@@ -165,11 +172,36 @@ def main() -> None:
         result = _memory_worker(args.worker, args.size[0], args.threads, args.dtype, args.device)
         print(json.dumps(result))
         return
+    rows, threads = [], 0
     for size in args.size:
-        _report(size, args)
+        size_rows, threads = _report(size, args)
+        rows += size_rows
+    where = "CPU" if args.device == "cpu" else _device_name()
+    write_results(
+        f"gp_step_{args.device}_{args.dtype}",
+        title=(
+            f"GP training step (objective + backward), {args.dtype}, {where}, "
+            f"{threads} torch thread(s): median of {args.repeats} steps, against GPyTorch exact"
+        ),
+        columns=["N", "method", "median (ms)", "x exact", "peak extra (MiB)", "x exact (memory)"],
+        rows=rows,
+        notes=(
+            "Methods alternate within one process; peak extra memory is what two steps add "
+            "above the set-up model ("
+            + (
+                "resident memory of each method in its own subprocess)."
+                if args.device == "cpu"
+                else "peak of torch.cuda.max_memory_allocated)."
+            )
+        ),
+        command=command_line(),
+        machine=describe_machine(args.device),
+    )
 
 
-def _report(size: int, args: argparse.Namespace) -> None:
+def _report(size: int, args: argparse.Namespace) -> tuple[list, int]:
+    """Measure and print the table for ``size``; its rows for the result file, and the
+    torch thread count."""
     memory = {}
     for method in METHODS:
         command = [sys.executable, __file__, "--worker", method, "--size", str(size)]
@@ -186,11 +218,24 @@ def _report(size: int, args: argparse.Namespace) -> None:
     print(
         f"{'method':<14}{'median (ms)':>13}{'x exact':>10}{'peak extra (MiB)':>19}{'x exact':>10}"
     )
+    rows = []
     for method, median in medians.items():
+        memory_ratio = memory[method] / max(memory["exact"], 1e-9)
         print(
             f"{method:<14}{1000 * median:>13.1f}{median / baseline:>10.2f}"
-            f"{memory[method]:>19.1f}{memory[method] / max(memory['exact'], 1e-9):>10.2f}"
+            f"{memory[method]:>19.1f}{memory_ratio:>10.2f}"
         )
+        rows.append(
+            [
+                size,
+                method,
+                round(1000 * median, 1),
+                round(median / baseline, 2),
+                round(memory[method], 1),
+                round(memory_ratio, 2),
+            ]
+        )
+    return rows, threads
 
 
 def _device_name() -> str:

@@ -13,6 +13,10 @@ peer evaluates ``K`` likelihoods (``O(K D)``); the printed ratios are masked tim
 measured in the same run. Run::
 
     python benchmarks/latent_step.py --batch 256 --samples 16
+
+Every run also writes the printed numbers as a table to
+``benchmarks/results/latent_step.json`` (``benchmarks/report.py``), which the documentation's
+performance page renders; a later run replaces it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO
+from report import command_line, describe_machine, write_results
 from sklearn.datasets import load_digits
 
 from pyro_masked import MaskedELBO
@@ -77,7 +82,10 @@ def main(argv=None) -> None:
     parser.add_argument("--num-masks", type=int, default=1, help="permutations per step")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--float64", action="store_true", help="run in float64")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.float64:
         torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(0)
@@ -103,6 +111,37 @@ def main(argv=None) -> None:
     print(f"masked step, amortised-guide proposal:                  {1e3 * guide_time:8.2f} ms")
     print(f"ratio masked/Trace_ELBO, prior proposal: {prior_time / peer_time:.2f}x (goal <= 3x)")
     print(f"ratio masked/Trace_ELBO, guide proposal: {guide_time / peer_time:.2f}x (goal <= 3x)")
+    dtype = str(torch.get_default_dtype()).removeprefix("torch.")
+    write_results(
+        "latent_step",
+        title=f"Bernoulli latent model, binarised 8x8 digits, batch {args.batch} x {size} "
+        f"pixels, K = {args.samples}, num_masks = {args.num_masks}, {dtype}: one masked step "
+        f"against one Trace_ELBO step (loss + backward, median of {args.repeats})",
+        columns=["step", "median (ms)", "x Trace_ELBO", "goal"],
+        rows=[
+            [
+                "Trace_ELBO step (amortised guide, vectorised particles)",
+                round(1e3 * peer_time, 2),
+                None,
+                None,
+            ],
+            [
+                "masked step, prior proposal",
+                round(1e3 * prior_time, 2),
+                round(prior_time / peer_time, 2),
+                "<= 3x",
+            ],
+            [
+                "masked step, amortised-guide proposal",
+                round(1e3 * guide_time, 2),
+                round(guide_time / peer_time, 2),
+                "<= 3x",
+            ],
+        ],
+        notes="The three steps are timed one after the other in the same run, not alternated.",
+        command=command_line(),
+        machine=describe_machine("cpu"),
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ peer's. Cases:
   mask and the inverse of the visible block (the speed-up of the masked score over it).
 
 Run ``python benchmarks/ppca_speed.py`` (``--quick`` for smaller sizes). It prints one markdown
-table; the machine and thread count are printed above it. The GP case (N = 2000 against
+table; the machine and thread count are printed above it. A full run also writes the table to
+``benchmarks/results/ppca_speed.json`` (``benchmarks/report.py``), which the documentation's
+performance page renders; a ``--quick`` run writes nothing. The GP case (N = 2000 against
 GPyTorch's exact marginal log likelihood, time and memory) is ``benchmarks/gp_step.py``.
 """
 
@@ -32,6 +34,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from report import command_line, describe_machine, write_results
 
 from pyro_masked import MaskedELBO, masked_log_prob
 
@@ -170,16 +173,17 @@ def main(argv=None) -> None:
     print(f"# torch {torch.__version__}, float64, median ratios of alternating runs\n")
     print("| loss + gradient | ratio | target |")
     print("|---|---|---|")
-    medians = []
+    rows, medians = [], []
     for size, expanded in [(large, False), (small, False), (small, True)]:
         steps = ppca_steps(num_points, size, expanded)
         del steps["seed"]
         times = paired_times(steps, 5 * repeats)
         pattern = "plate-expanded (README pattern)" if expanded else "unexpanded"
         case = f"PPCA, N = {num_points}, D = {size}, {pattern}"
-        print(
-            f"| {case}: masked / torch MultivariateNormal.log_prob | "
-            f"{median_ratio(times['masked'], times['exact']):.2f} | <= 1.3 |"
+        ratio = median_ratio(times["masked"], times["exact"])
+        print(f"| {case}: masked / torch MultivariateNormal.log_prob | {ratio:.2f} | <= 1.3 |")
+        rows.append(
+            [f"{case}: masked / torch MultivariateNormal.log_prob", round(ratio, 2), "<= 1.3"]
         )
         medians.append(
             (case, statistics.median(times["exact"]), statistics.median(times["masked"]))
@@ -187,21 +191,36 @@ def main(argv=None) -> None:
     svi = svi_steps(num_points, small)
     times = paired_times(svi, 5 * repeats)
     case = f"PPCA, N = {num_points}, D = {small}, README model"
-    print(
-        f"| {case}: SVI step, MaskedELBO / Trace_ELBO | "
-        f"{median_ratio(times['masked_elbo'], times['trace_elbo']):.2f} | <= 1.3 |"
-    )
+    ratio = median_ratio(times["masked_elbo"], times["trace_elbo"])
+    print(f"| {case}: SVI step, MaskedELBO / Trace_ELBO | {ratio:.2f} | <= 1.3 |")
+    rows.append([f"{case}: SVI step, MaskedELBO / Trace_ELBO", round(ratio, 2), "<= 1.3"])
     medians.append((case + " (SVI)", *map(statistics.median, times.values())))
     if not args.skip_seed:
         steps = ppca_steps(num_points, large)
         seed_times = paired_times({"seed": steps["seed"], "masked": steps["masked"]}, repeats)
-        print(
-            f"| PPCA, N = {num_points}, D = {large}: per-mask-size algorithm / masked | "
-            f"{median_ratio(seed_times['seed'], seed_times['masked']):.1f} | >= 100 |"
-        )
+        ratio = median_ratio(seed_times["seed"], seed_times["masked"])
+        case = f"PPCA, N = {num_points}, D = {large}: per-mask-size algorithm / masked"
+        print(f"| {case} | {ratio:.1f} | >= 100 |")
+        rows.append([case, round(ratio, 1), ">= 100"])
     print()
+    lines = []
     for case, peer, masked in medians:
-        print(f"(medians, {case}: peer {peer * 1e3:.1f} ms, masked {masked * 1e3:.1f} ms)")
+        lines.append(f"{case}: peer {peer * 1e3:.1f} ms, masked {masked * 1e3:.1f} ms")
+        print(f"(medians, {lines[-1]})")
+    if args.quick:
+        return  # quick runs are smoke tests, not results
+    write_results(
+        "ppca_speed",
+        title="PPCA loss + gradient and SVI step, float64: masked against its peers "
+        f"(median ratio of {5 * repeats} alternating runs"
+        + ("" if args.skip_seed else f"; {repeats} for the per-mask-size algorithm")
+        + ")",
+        columns=["loss + gradient", "ratio", "target"],
+        rows=rows,
+        notes="Median times: " + "; ".join(lines) + ".",
+        command=command_line(),
+        machine=describe_machine("cpu"),
+    )
 
 
 if __name__ == "__main__":

@@ -30,18 +30,56 @@ from typing import Optional, Sequence, Union
 Cell = Union[str, int, float, None]
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+REPO_ROOT = RESULTS_DIR.parent.parent
 
 
-def describe_machine() -> str:
-    """Processor, core count, thread count, accelerator and torch version, in one line."""
+def _processor() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: Optional[str] = None) -> str:
+    """Processor, core count, thread count, accelerator and torch version, in one line.
+
+    :param device: the device the benchmark ran on (``"cpu"``, ``"cuda"``, ``"cuda:1"``); the
+        line then names it (the GPU's name for a CUDA device). By default it names the CUDA
+        device where one is available.
+    """
     import torch
 
-    processor = platform.processor() or platform.machine()
-    parts = [f"{processor}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"]
-    if torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name())
+    parts = [f"{_processor()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"]
+    if device is None:
+        if torch.cuda.is_available():
+            parts.append(torch.cuda.get_device_name())
+    elif torch.device(device).type == "cuda":
+        parts.append(f"device {torch.cuda.get_device_name(torch.device(device))}")
+    else:
+        parts.append(f"device {torch.device(device).type}")
     parts.append(f"torch {torch.__version__}")
     return ", ".join(parts)
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """This process's command line as ``python <script> <arguments>``, the script's path
+    relative to the repository root (``benchmarks/<name>.py``) where it lies inside it."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not argv[0]:
+        return "python"
+    script = os.path.abspath(argv[0])
+    try:
+        script = os.path.relpath(script, REPO_ROOT)
+    except ValueError:  # another drive on Windows
+        pass
+    if script.startswith(os.pardir):
+        script = os.path.abspath(argv[0])
+    return shlex.join(["python", script, *argv[1:]])
 
 
 def write_results(
@@ -63,7 +101,7 @@ def write_results(
     :param rows: the rows, each with one cell per column (strings, ints or floats).
     :param notes: an optional sentence shown under the table.
     :param command: the command that produced the table; defaults to this process's command
-        line, as ``python <script> <arguments>``.
+        line, as ``python <script> <arguments>`` (:func:`command_line`).
     :param machine: where it ran; defaults to :func:`describe_machine`.
     :param directory: defaults to ``benchmarks/results``.
     """
@@ -71,8 +109,7 @@ def write_results(
         if len(row) != len(columns):
             raise ValueError(f"rows[{index}] has {len(row)} cells for {len(columns)} columns")
     if command is None:
-        script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else benchmark
-        command = shlex.join(["python", script, *sys.argv[1:]])
+        command = command_line()
     result = {
         "benchmark": benchmark,
         "title": title,

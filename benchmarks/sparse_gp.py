@@ -10,7 +10,10 @@ gives the price of the speed: the spread over mask draws of the masked log densi
 targets (at the initial parameters), against the dense engine's at N = 1000.
 
 Run ``python benchmarks/sparse_gp.py`` (``--quick`` for N = 1000 only, fewer repeats). It prints
-one markdown table; the machine and thread count are printed above it.
+the two markdown tables; the machine and thread count are printed above them. A full run also
+writes them to ``benchmarks/results/sparse_gp.json`` (speed) and
+``benchmarks/results/sparse_gp_spread.json`` (spread) with ``benchmarks/report.py``, which the
+documentation's performance page renders; a ``--quick`` run writes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from report import command_line, describe_machine, write_results
 
 from pyro_masked import MaskedELBO, masked_log_prob
 from pyro_masked.conditionals import lowrank
@@ -113,7 +117,7 @@ def main(argv=None) -> None:
     print(f"# alternating runs; {args.context_sizes} context sizes per permutation\n")
     print("| SVI step, SparseGPRegression (VFE), M = 20 | ratio | goal |")
     print("|---|---|---|")
-    medians = []
+    speed_rows, medians = [], []
     for num_points in sizes:
         steps = {
             "trace_elbo": sparse_gp_step(num_points, num_inducing, Trace_ELBO()),
@@ -122,27 +126,53 @@ def main(argv=None) -> None:
         times = paired_times(steps, repeats)
         ratio = median_ratio(times["masked_elbo"], times["trace_elbo"])
         print(f"| N = {num_points}: MaskedELBO / Trace_ELBO | {ratio:.2f} | <= 3 |")
+        speed_rows.append([f"N = {num_points}: MaskedELBO / Trace_ELBO", round(ratio, 2), "<= 3"])
         medians.append((num_points, *(statistics.median(t) for t in times.values())))
     print()
+    lines = []
     for num_points, trace, masked in medians:
-        print(
-            f"(medians, N = {num_points}: Trace_ELBO {trace * 1e3:.1f} ms, "
-            f"MaskedELBO {masked * 1e3:.1f} ms)"
+        lines.append(
+            f"N = {num_points}: Trace_ELBO {trace * 1e3:.1f} ms, MaskedELBO {masked * 1e3:.1f} ms"
         )
+        print(f"(medians, {lines[-1]})")
+    spread_rows = []
     print("\n| spread over mask draws, SparseGPRegression (VFE), M = 20 | log p(y) | sd |")
     print("|---|---|---|")
     for num_points in sizes:
         dense = num_points <= 1000
         exact, low_rank, *dense_spread = spreads(num_points, num_inducing, dense=dense)
-        print(
-            f"| N = {num_points}: low-rank engine (sampled context sizes) | {exact:.1f} | "
-            f"{low_rank:.2f} |"
-        )
+        case = f"N = {num_points}: low-rank engine (sampled context sizes)"
+        print(f"| {case} | {exact:.1f} | {low_rank:.2f} |")
+        spread_rows.append([case, round(exact, 1), round(low_rank, 2)])
         if dense:
-            print(
-                f"| N = {num_points}: dense engine, one permutation | {exact:.1f} | "
-                f"{dense_spread[0]:.2f} |"
-            )
+            case = f"N = {num_points}: dense engine, one permutation"
+            print(f"| {case} | {exact:.1f} | {dense_spread[0]:.2f} |")
+            spread_rows.append([case, round(exact, 1), round(dense_spread[0], 2)])
+    if args.quick:
+        return  # quick runs are smoke tests, not results
+    machine = f"{describe_machine('cpu')}, pyro {pyro.__version__}"
+    write_results(
+        "sparse_gp",
+        title="SVI step, SparseGPRegression (VFE), M = 20, float64: MaskedELBO / Trace_ELBO "
+        f"(median ratio of {repeats} alternating runs; {args.context_sizes} context sizes per "
+        "permutation)",
+        columns=["SVI step, SparseGPRegression (VFE), M = 20", "ratio", "goal"],
+        rows=speed_rows,
+        notes="Median times: " + "; ".join(lines) + ".",
+        command=command_line(),
+        machine=machine,
+    )
+    write_results(
+        "sparse_gp_spread",
+        title="Spread over 20 mask draws of the masked log density of the targets, "
+        "SparseGPRegression (VFE), M = 20, float64, at the initial parameters",
+        columns=["spread over mask draws, SparseGPRegression (VFE), M = 20", "log p(y)", "sd"],
+        rows=spread_rows,
+        notes=f"{args.context_sizes} context sizes per permutation for the low-rank engine; "
+        "log p(y) is the exact log density, sd the standard deviation over mask draws.",
+        command=command_line(),
+        machine=machine,
+    )
 
 
 if __name__ == "__main__":

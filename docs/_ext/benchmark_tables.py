@@ -26,7 +26,8 @@ def _format_cell(value: Any) -> str:
     elif isinstance(value, int):
         text = str(value)
     elif isinstance(value, float):
-        text = f"{value:.3g}"
+        # Three significant digits, but never an exponent for the sizes benchmarks print.
+        text = f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
     else:
         text = str(value)
     return text.replace("|", "\\|").replace("\n", " ")

@@ -39,6 +39,7 @@ from pyro_masked.datasets import load_mauna_loa_co2
 from pyro_masked.gp import GPRegression
 from pyro_masked.gpytorch import deterministic_num_masks
 from pyro_masked.infer import MaskedELBO
+from pyro_masked.linalg import NonFiniteMatrixError, NotPositiveDefiniteError
 from pyro_masked.masks import MaskLike, as_schedule
 from pyro_masked.util import private_generator
 
@@ -427,22 +428,31 @@ def _polish(
     vanishes (:data:`GRADIENT_TOLERANCE`) or when a restart no longer improves the loss by
     :data:`PROGRESS_TOLERANCE`.
 
+    A line-search trial can step to hyperparameters whose covariance cannot be factored; the
+    parameters then go back to the best point evaluated so far and the polish stops there,
+    reported as ``"failed line search"`` rather than as converged.
+
     :returns: ``(iterations, stopped by, max |gradient|)``, with ``stopped by`` one of
-        ``"gradient"``, ``"no progress"`` (both converged), ``"budget"`` or ``"no polish"``.
+        ``"gradient"``, ``"no progress"`` (both converged), ``"budget"``,
+        ``"failed line search"`` or ``"no polish"``.
     """
     if args.polish_iterations == 0:
         return 0, "no polish", math.nan
     bar = tqdm(desc=description, unit=" evaluations", disable=not progress, file=sys.stderr)
     best = math.inf
 
+    best_params = [p.detach().clone() for p in params]
+
     def closure() -> torch.Tensor:
-        nonlocal best
+        nonlocal best, best_params
         for p in params:
             p.grad = None
         loss = loss_fn()
         loss.backward()
         # Line-search trials can be far worse; the best value is the one L-BFGS has accepted.
-        best = min(best, loss.item())
+        if loss.item() < best:
+            best = loss.item()
+            best_params = [p.detach().clone() for p in params]
         bar.update()
         bar.set_postfix_str(f"objective = {-best - to_ppm:.3f} nats (ppm units)")
         return loss
@@ -459,7 +469,18 @@ def _polish(
             history_size=20,
             line_search_fn="strong_wolfe",
         )
-        lbfgs.step(closure)
+        try:
+            lbfgs.step(closure)
+        except ValueError as error:
+            if not _factorization_failed(error):
+                raise
+            with torch.no_grad():
+                for p, value in zip(params, best_params):
+                    p.copy_(value)
+            stopped_by = "failed line search"
+            closure()
+            max_gradient = max(p.grad.abs().max().item() for p in params if p.grad is not None)
+            break
         iterations += int(lbfgs.state[params[0]]["n_iter"])
         closure()  # the value and gradient where L-BFGS stopped
         max_gradient = max(p.grad.abs().max().item() for p in params if p.grad is not None)
@@ -471,6 +492,15 @@ def _polish(
             break
     bar.close()
     return iterations, stopped_by, max_gradient
+
+
+def _factorization_failed(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from, e.g. by Pyro's trace) is a failed Cholesky."""
+    while error is not None:
+        if isinstance(error, (NotPositiveDefiniteError, NonFiniteMatrixError)):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _evaluate(gp: GPRegression, data: _Standardised) -> dict[str, float]:
@@ -541,8 +571,10 @@ def format_summary(masked: FitResult, exact: FitResult, total_seconds: float) ->
         )
     else:
         lines.append(
-            "At least one fit stopped at its budget (see 'L-BFGS stopped by'): these are "
-            "differences between unfinished fits; raise --polish-iterations for converged ones."
+            "At least one fit did not converge (see 'L-BFGS stopped by': its budget, or a line "
+            "search that stepped to a covariance it could not factor): these are differences "
+            "between unfinished fits; raise --polish-iterations, or change --seed or "
+            "--polish-masks, for converged ones."
         )
     lines.append(
         f"Measured wall time: masked fit {masked.seconds:.1f} s, exact fit {exact.seconds:.1f} s, "

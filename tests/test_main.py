@@ -197,3 +197,34 @@ def test_a_missing_plotting_package_stops_the_job_before_the_fits(tmp_path, monk
         main(["--output", str(tmp_path / "forecast.png")])
     assert exit_info.value.code == 2
     assert 'pip install "pyro_masked[plot]"' in capsys.readouterr().err
+
+
+def test_a_line_search_trial_that_fails_the_cholesky_stops_the_polish_at_the_best_point():
+    import argparse
+
+    import torch
+
+    from pyro_masked.linalg import NonFiniteMatrixError
+
+    param = torch.zeros(1, requires_grad=True)
+    evaluated = []
+
+    def loss_fn():
+        if param.item() > 3.0:  # as Pyro re-raises a failed factorization at a site
+            try:
+                raise NonFiniteMatrixError("the covariance matrix contains NaN entries")
+            except NonFiniteMatrixError as error:
+                raise ValueError("Error while computing log_prob at site 'y'") from error
+        evaluated.append(param.item())
+        return (param - 5.0).square().sum()
+
+    args = argparse.Namespace(polish_iterations=50)
+    _, stopped_by, _ = main_module._polish([param], loss_fn, args, False, "polish", 0.0)
+    assert stopped_by == "failed line search"
+    assert param.item() == max(evaluated) and param.item() <= 3.0
+
+    def broken():
+        raise ValueError("a bug, not a failed factorization")
+
+    with pytest.raises(ValueError, match="a bug"):
+        main_module._polish([param], broken, args, False, "polish", 0.0)

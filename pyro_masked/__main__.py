@@ -496,10 +496,11 @@ def _polish(
 
 def _factorization_failed(error: BaseException) -> bool:
     """Whether ``error`` (or one it was raised from, e.g. by Pyro's trace) is a failed Cholesky."""
-    while error is not None:
-        if isinstance(error, (NotPositiveDefiniteError, NonFiniteMatrixError)):
+    cause: Optional[BaseException] = error
+    while cause is not None:
+        if isinstance(cause, (NotPositiveDefiniteError, NonFiniteMatrixError)):
             return True
-        error = error.__cause__
+        cause = cause.__cause__
     return False
 
 

@@ -28,36 +28,14 @@ import argparse
 import math
 import platform
 import statistics
-import time
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from report import command_line, describe_machine, write_results
+from report import command_line, describe_machine, median_ratio, paired_times, write_results
 
 from pyro_masked import MaskedELBO, masked_log_prob
-
-
-def paired_times(steps: dict, repeats: int) -> dict:
-    """Wall times of ``repeats`` rounds in which every step runs once, in turn.
-
-    Alternating the steps makes a change in machine load hit all of them alike, so ratios are
-    taken round by round.
-    """
-    for step in steps.values():
-        step()  # warm-up
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ratio(numerator: list, denominator: list) -> float:
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def ppca_problem(num_points: int, size: int, rank: int = 10):

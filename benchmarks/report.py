@@ -13,7 +13,8 @@ benchmark_tables.py``), so its numbers always come from a script run. Call
         rows=[["exact", 101.2, 1.0], ["masked", 120.4, 1.19]],
     )
 
-The format (one JSON object) is described in ``benchmarks/results/README.md``.
+The format (one JSON object) is described in ``benchmarks/results/README.md``. The module also
+holds the alternating timer the scripts share (:func:`paired_times`, :func:`median_ratio`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import os
 import pathlib
 import platform
 import shlex
+import statistics
 import sys
+import time
 from typing import Optional, Sequence, Union
 
 Cell = Union[str, int, float, None]
@@ -126,3 +129,25 @@ def write_results(
     path = directory / f"{benchmark}.json"
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def paired_times(steps: dict, repeats: int) -> dict:
+    """Wall times of ``repeats`` rounds in which every step runs once, in turn.
+
+    Alternating the steps makes a change in machine load hit all of them alike, so ratios are
+    taken round by round.
+    """
+    for step in steps.values():
+        step()  # warm-up
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerator: list, denominator: list) -> float:
+    """The median of the round-by-round ratios of two lists of times."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import pyro
 import pyro.contrib.gp as gp
@@ -29,27 +28,10 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
-from report import command_line, describe_machine, write_results
+from report import command_line, describe_machine, median_ratio, paired_times, write_results
 
 from pyro_masked import MaskedELBO, masked_log_prob
 from pyro_masked.conditionals import lowrank
-
-
-def paired_times(steps: dict, repeats: int) -> dict:
-    """Wall times of ``repeats`` rounds in which every step runs once, in turn."""
-    for step in steps.values():
-        step()  # warm-up
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ratio(numerator: list, denominator: list) -> float:
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def sparse_gp(num_points: int, num_inducing: int) -> gp.models.SparseGPRegression:

@@ -78,9 +78,11 @@ MAX_ENUMERATION_BYTES = 2**28
 
 _COVARIANCE = "the covariance matrix"
 
-# Rows of L handled together by the residual form: large enough to amortise Python overhead,
-# small enough that the (rows x D) temporaries stay in cache.
-_ROW_BLOCK = 128
+# Rows of L handled together by the residual form, or ``None`` to choose them so that one
+# (rows x D) temporary per vector holds about _BLOCK_ELEMENTS numbers: small enough to stay in a
+# core's cache through the dozen passes made over it, large enough to amortise Python overhead.
+_ROW_BLOCK: Optional[int] = None
+_BLOCK_ELEMENTS = 2**17
 
 # The quadratic form is used once the vectors per covariance number at least D divided by this
 # ratio: its extra O(D^3) matrix products then cost less than the residual form's O(n D^2)
@@ -88,52 +90,102 @@ _ROW_BLOCK = 128
 _QUADRATIC_FORM_SIZE_PER_VECTOR = 4
 
 
-class _PermuteSymmetric(torch.autograd.Function):
-    """``out[b, s] = K[b][perm[b, s]][:, perm[b, s]]`` with a gather-only backward.
+class _PermutedCholesky(torch.autograd.Function):
+    """Cholesky factors of permuted covariances, :math:`L_s L_s^\\top = P_s \\Sigma P_s^\\top`.
 
-    ``perms`` has shape ``(1, S, D)`` (shared by every matrix) or ``(B, S, D)``. Advanced
-    indexing's backward accumulates with a scatter, which costs several times the Cholesky
-    factorization at GP sizes; the gradient of a permutation is the inverse permutation applied
-    to the incoming gradient.
+    ``covariance`` has shape ``(B, D, D)`` and ``perms`` shape ``(1, S, D)`` (shared by every
+    matrix) or ``(B, S, D)``; returns ``(B, S, D, D)``. The backward is the factorization's
+    (Murray, "Differentiation of the Cholesky decomposition", 2016):
+    :math:`\\bar\\Sigma_s = \\tfrac12 (Y + Y^\\top)` with :math:`Y = L^{-\\top} \\Phi(L^\\top
+    \\bar L) L^{-1}`, :math:`\\Phi` the lower triangle with its diagonal halved, taken in place
+    and with two triangular solves, followed by the inverse permutation. Apart from the matrix
+    product and the solves it makes three passes over each :math:`D \\times D` gradient, where
+    autograd through a gather and :func:`torch.linalg.cholesky` makes about ten.
     """
 
     @staticmethod
-    def forward(ctx, matrix: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(perms)
-        return _gather_symmetric(matrix, perms)
+    def forward(ctx, covariance: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+        factor = cholesky(_gather_symmetric(covariance, perms), what=_COVARIANCE)
+        ctx.save_for_backward(factor, perms)
+        return factor
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (perms,) = ctx.saved_tensors
-        # grad_K = sum_s grad_out[s][inv_s][:, inv_s]
-        return _gather_symmetric(grad_out, torch.argsort(perms, dim=-1)).sum(1), None
+    def backward(ctx, grad_factor: torch.Tensor):
+        factor, perms = ctx.saved_tensors
+        phi = (factor.mT @ grad_factor).tril_()
+        phi.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+        symmetric = _mirror_lower_triangle(phi)  # Phi + Phi^T
+        # A symmetric matrix is its own transpose: handing the solver the transposed (column-
+        # major) view and solving from the right saves LAPACK's layout copies.
+        half = torch.linalg.solve_triangular(factor.mT, symmetric.mT, upper=True)
+        grad = torch.linalg.solve_triangular(factor, half, upper=False, left=False).mul_(0.5)
+        return _gather_symmetric(grad, torch.argsort(perms, dim=-1), reduce=True), None
 
 
-def _gather_symmetric(matrix: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+#: Tile edge for transposing within a matrix: a tile and its mirror stay in cache.
+_TILE = 256
+
+
+def _mirror_lower_triangle(lower: torch.Tensor) -> torch.Tensor:
+    """:math:`A + A^\top` for lower-triangular ``A`` (zero above the diagonal), in place.
+
+    Tile by tile, so that the transposed reads stay in cache: several times faster than
+    ``A + A.mT`` for large matrices.
+    """
+    size = lower.shape[-1]
+    for start in range(0, size, _TILE):
+        stop = min(size, start + _TILE)
+        for left in range(0, start, _TILE):
+            right = min(size, left + _TILE)
+            lower[..., left:right, start:stop].copy_(lower[..., start:stop, left:right].mT)
+        diagonal = lower[..., start:stop, start:stop]
+        diagonal.add_(diagonal.mT.clone())
+    return lower
+
+
+#: Up to this many matrices, permutations are applied one matrix at a time by row and column
+#: selection (contiguous copies, several times faster than a batched gather at GP sizes).
+_SELECT_MATRICES = 64
+
+
+def _gather_symmetric(
+    matrix: torch.Tensor, perms: torch.Tensor, reduce: bool = False
+) -> torch.Tensor:
     """``out[b, s] = matrix[b, (s)][perm[b, s]][:, perm[b, s]]``; ``matrix`` is ``(B, D, D)`` or
-    ``(B, S, D, D)``; ``perms`` is ``(S, D)``, ``(1, S, D)`` or ``(B, S, D)``."""
+    ``(B, S, D, D)``; ``perms`` is ``(S, D)``, ``(1, S, D)`` or ``(B, S, D)``. With ``reduce``
+    the result is summed over ``s``, shape ``(B, D, D)``."""
     if perms.dim() == 2:
         perms = perms[None]
     batch, size = matrix.shape[0], matrix.shape[-1]
     num_perms = perms.shape[1]
     full = (batch, num_perms, size, size)
+    if batch * num_perms <= _SELECT_MATRICES:
+        out = matrix.new_empty(full)
+        for b in range(batch):
+            for s in range(num_perms):
+                perm = perms[b if perms.shape[0] > 1 else 0, s]
+                source = matrix[b, s] if matrix.dim() == 4 else matrix[b]
+                torch.index_select(source.index_select(-2, perm), -1, perm, out=out[b, s])
+        return out.sum(1) if reduce and num_perms > 1 else out[:, 0] if reduce else out
     if matrix.dim() == 3 and perms.shape[0] == 1:
         rows = matrix.index_select(-2, perms.reshape(-1)).view(full)
     else:
         if matrix.dim() == 3:
             matrix = matrix[:, None].expand(full)
         rows = torch.gather(matrix, 2, perms[:, :, :, None].expand(full))
-    return torch.gather(rows, 3, perms[:, :, None, :].expand(full))
+    out = torch.gather(rows, 3, perms[:, :, None, :].expand(full))
+    return out.sum(1) if reduce else out
 
 
 class _UnpermuteSymmetric(torch.autograd.Function):
     """``out[b] = mean_s B[b, s][inv[b, s]][:, inv[b, s]]``, the inverse of
-    :class:`_PermuteSymmetric`."""
+    :func:`_gather_symmetric`."""
 
     @staticmethod
     def forward(ctx, matrices: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(perms)
-        return _gather_symmetric(matrices, torch.argsort(perms, dim=-1)).mean(1)
+        inverse = torch.argsort(perms, dim=-1)
+        return _gather_symmetric(matrices, inverse, reduce=True) / perms.shape[-2]
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -146,91 +198,112 @@ def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
+def _row_blocks(size: int, num_vectors: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the row blocks the residual form works through."""
+    rows = _ROW_BLOCK or max(1, _BLOCK_ELEMENTS // (size * num_vectors))
+    return [(start, min(size, start + rows)) for start in range(0, size, rows)]
+
+
+def _flipped_suffix_sums(
+    factor: torch.Tensor, whitened: torch.Tensor, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`v_{jk}` and :math:`r_{jk}` for rows ``start:stop``, context sizes in reverse.
+
+    Column ``t`` of the results is the context size :math:`k = \\text{stop} - 1 - t`, so the
+    suffix sums over :math:`i \\ge k` become prefix sums, taken in place on one reversed copy of
+    the block (no flipping back and forth). Returns ``variance`` of shape ``(B, b, stop)`` and
+    ``residual`` of shape ``(B, n, b, stop)``. Entries with :math:`k > j` lie above the diagonal,
+    where :math:`L` is zero: they get variance 1 and residual 0, so they add nothing to the log
+    and quadratic terms, and no mask is multiplied in.
+    """
+    rows = stop - start
+    flipped = factor[:, start:stop, :stop].flip(-1)  # (B, b, w)
+    variance = flipped.square().cumsum_(-1)
+    residual = flipped[:, None] * whitened[:, :, None, :stop].flip(-1)
+    residual.cumsum_(-1)
+    steps = torch.arange(rows, device=factor.device)
+    variance[..., :rows] += (steps[:, None] + steps) < rows - 1  # t < b - 1 - row: k > j
+    return variance, residual
+
+
+def _sum_vectors(x: torch.Tensor) -> torch.Tensor:
+    """Sum over dimension 1 (the vectors), without a reduction pass when there is one."""
+    return x[:, 0] if x.shape[1] == 1 else x.sum(1)
+
+
 class _ResidualFormScore(torch.autograd.Function):
-    """Masked score :math:`\\sum_{j \\ge k} c_k \\ell_{jk}` of whitened vectors, blocked over rows.
+    """Masked score :math:`\\sum_{j \\ge k} c_k \\ell_{jk}` of permuted residuals, by row blocks.
 
-    Inputs: ``L`` of shape ``(B, D, D)`` (lower triangular), ``Z`` of shape ``(B, n, D)`` (the
-    whitened residuals, ``n`` vectors per factor) and context weights ``c`` of shape ``(D,)``.
-    Returns shape ``(B, n)``. The backward recomputes each block instead of storing the
-    ``(B, n, D, D)`` intermediates.
+    Inputs: ``L`` of shape ``(B, D, D)`` (lower triangular, zero above the diagonal as a
+    Cholesky factor is), the permuted residuals ``E`` of shape ``(B, n, D)`` (``n`` vectors per
+    factor) and context weights ``c`` of shape ``(D,)``. Returns shape ``(B, n)``.
 
-    With :math:`\\partial \\ell / \\partial v = -\\tfrac{1}{2v} + \\tfrac{r^2}{2v^2}` and
-    :math:`\\partial \\ell / \\partial r = -r/v`, the gradient is
+    The residuals are whitened inside, :math:`z = L^{-1} e`, so that the backward adds the
+    whitening's share of the factor's gradient, :math:`-\\operatorname{tril}(u z^\\top)` with
+    :math:`u = L^{-\\top} \\bar z`, as one rank-``n`` update in place instead of autograd's
+    outer product, mask and sum of :math:`D \\times D` matrices. Each block of rows is one
+    reversed copy of :math:`L`'s block and a dozen in-place passes over it, sized to stay in
+    cache; the backward recomputes the block instead of storing :math:`O(B n D^2)`
+    intermediates. With :math:`s = r/v`, :math:`\\partial \\ell / \\partial v = \\tfrac12 (s^2 -
+    1/v)` and :math:`\\partial \\ell / \\partial r = -s`, the score's gradient is
     :math:`\\partial / \\partial L_{ji} = 2 L_{ji} \\sum_{k \\le i} c_k \\partial_v \\ell_{jk}
     + z_i \\sum_{k \\le i} c_k \\partial_r \\ell_{jk}` and
-    :math:`\\partial / \\partial z_i = \\sum_j L_{ji} \\sum_{k \\le i} c_k \\partial_r \\ell_{jk}`.
+    :math:`\\bar z_i = \\sum_j L_{ji} \\sum_{k \\le i} c_k \\partial_r \\ell_{jk}`. Entries of
+    the factor's gradient above the diagonal are left unmasked: a lower-triangular factor's
+    gradient there has no meaning, and the Cholesky factorization's backward reads only the
+    lower triangle.
     """
 
     @staticmethod
-    def forward(ctx, factor: torch.Tensor, whitened: torch.Tensor, weights: torch.Tensor):
+    def forward(ctx, factor: torch.Tensor, residuals: torch.Tensor, weights: torch.Tensor):
+        whitened = torch.linalg.solve_triangular(factor, residuals.mT, upper=False).mT
         ctx.save_for_backward(factor, whitened, weights)
         batch, num_vectors, size = whitened.shape
-        out = factor.new_zeros(batch, num_vectors)
-        for _, stop, lower, _, _, variance, residual in lower_triangle_row_blocks(factor, whitened):
-            block_weights = weights[:stop] * lower
-            safe_variance = torch.where(lower, variance, 1.0)
-            log_terms = (block_weights * (safe_variance.log() + LOG_2PI)).sum((-1, -2))
-            quad_terms = (block_weights * residual.square() / safe_variance[:, None]).sum((-1, -2))
-            out += -0.5 * (log_terms[:, None] + quad_terms)
+        reversed_weights = weights.flip(0)  # entry size - 1 - k is c_k
+        # The 2 pi of every term: sum_k c_k (D - k) log(2 pi).
+        counts = torch.arange(size, 0, -1, device=weights.device, dtype=weights.dtype)
+        out = whitened.new_full((batch, num_vectors), -0.5 * LOG_2PI * float(weights @ counts))
+        for start, stop in _row_blocks(size, num_vectors):
+            variance, residual = _flipped_suffix_sums(factor, whitened, start, stop)
+            terms = residual.square_().div_(variance[:, None])
+            terms += variance.log_()[:, None]  # log v + r^2 / v, (B, n, b, w)
+            out -= 0.5 * (terms.sum(-2) @ reversed_weights[size - stop :])
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         factor, whitened, weights = ctx.saved_tensors
-        grad_factor = torch.zeros_like(factor)
+        batch, num_vectors, size = whitened.shape
+        grad_factor = torch.empty_like(factor)
         grad_whitened = torch.zeros_like(whitened)
-        grad_total = grad_out.sum(-1)  # (B,)
-        for (
-            start,
-            stop,
-            lower,
-            factor_block,
-            whitened_block,
-            variance,
-            residual,
-        ) in lower_triangle_row_blocks(factor, whitened):
-            block_weights = weights[:stop] * lower
-            safe_variance = torch.where(lower, variance, 1.0)
-            inv_variance = safe_variance.reciprocal()
-            scaled = residual * inv_variance[:, None]  # r / v, (B, n, b, w)
-            vector_grad = grad_out[:, :, None, None]  # (B, n, 1, 1)
-            grad_variance = block_weights * (
-                -0.5 * grad_total[:, None, None] * inv_variance
-                + 0.5 * (vector_grad * scaled.square()).sum(1)
-            )
-            grad_residual = -(vector_grad * block_weights) * scaled
-            # Sums over context sizes k <= i: cumulative sums along the row.
-            cum_variance = grad_variance.cumsum(-1)
-            cum_residual = grad_residual.cumsum(-1)
-            block_grad = 2 * factor_block * cum_variance + (
-                whitened_block[:, :, None, :] * cum_residual
-            ).sum(1)
-            grad_factor[:, start:stop, :stop] = block_grad * lower
-            grad_whitened[:, :, :stop] += (factor_block[:, None] * cum_residual * lower).sum(-2)
-        return grad_factor, grad_whitened, None
-
-
-def lower_triangle_row_blocks(factor: torch.Tensor, whitened: torch.Tensor):
-    """Blocks of :data:`_ROW_BLOCK` rows of a lower-triangular factor, with their sums.
-
-    For ``factor`` :math:`L` of shape ``(B, D, D)`` and ``whitened`` :math:`z` of shape
-    ``(B, n, D)``, yields for rows ``start:stop`` the tuple ``(start, stop, lower,
-    factor_block, whitened_block, variance, residual)``: the block's columns ``0:stop`` (the
-    rest is zero), ``lower`` the mask :math:`k \\le j`, and the reverse cumulative sums
-    :math:`v_{jk}` ``(B, b, stop)`` and :math:`r_{jk}` ``(B, n, b, stop)``. Memory per block
-    is :math:`O(B n\\, b D)`, so the residual form never holds :math:`D \\times D` temporaries
-    per vector.
-    """
-    size = factor.shape[-1]
-    columns = torch.arange(size, device=factor.device)
-    for start in range(0, size, _ROW_BLOCK):
-        stop = min(size, start + _ROW_BLOCK)
-        factor_block = factor[:, start:stop, :stop]  # (B, b, w)
-        whitened_block = whitened[:, :, :stop]  # (B, n, w)
-        lower = columns[:stop] <= columns[start:stop, None]  # (b, w): k <= j
-        variance = _reverse_cumsum(factor_block.square())
-        residual = _reverse_cumsum(factor_block[:, None] * whitened_block[:, :, None, :])
-        yield start, stop, lower, factor_block, whitened_block, variance, residual
+        grad_total = grad_out.sum(-1)[:, None, None]  # (B, 1, 1)
+        vector_grad = grad_out[:, :, None, None]  # (B, n, 1, 1)
+        reversed_weights = weights.flip(0)
+        for start, stop in _row_blocks(size, num_vectors):
+            block_weights = reversed_weights[size - stop :]
+            variance, residual = _flipped_suffix_sums(factor, whitened, start, stop)
+            inverse = variance.reciprocal_()
+            scaled = residual.mul_(inverse[:, None])  # s = r / v
+            # 2 c_k dl/dv summed over vectors, and c_k dl/dr per vector.
+            grad_variance = _sum_vectors(scaled.square().mul_(vector_grad))
+            grad_variance.sub_(inverse.mul_(grad_total)).mul_(block_weights)
+            grad_residual = scaled.mul_(-block_weights * vector_grad)
+            # Back in context-size order, prefix sums over k <= i.
+            cum_variance = grad_variance.flip(-1).cumsum_(-1)
+            cum_residual = grad_residual.flip(-1).cumsum_(-1)
+            factor_block = factor[:, start:stop, :stop]
+            block_grad = cum_variance.mul_(factor_block)
+            if num_vectors == 1:
+                block_grad.addcmul_(cum_residual[:, 0], whitened[:, :, :stop])
+            else:
+                block_grad += (cum_residual * whitened[:, :, None, :stop]).sum(1)
+            grad_factor[:, start:stop, :stop] = block_grad
+            grad_factor[:, start:stop, stop:] = 0.0
+            grad_whitened[:, :, :stop] += cum_residual.mul_(factor_block[:, None]).sum(-2)
+        # Through z = L^{-1} e: e gets u = L^{-T} zbar, and L gets -u z^T.
+        grad_residuals = torch.linalg.solve_triangular(factor.mT, grad_whitened.mT, upper=True).mT
+        grad_factor.baddbmm_(grad_residuals.mT, whitened, alpha=-1.0)
+        return grad_factor, grad_residuals, None
 
 
 class _QuadraticForms(torch.autograd.Function):
@@ -328,7 +401,7 @@ def _permuted_scores(
     if perms.dim() == 2:
         perms = perms[None]
     num_perms = perms.shape[1]
-    factor = cholesky(_PermuteSymmetric.apply(covariance, perms), what=_COVARIANCE)  # (B, S, D, D)
+    factor = _PermutedCholesky.apply(covariance, perms)  # (B, S, D, D)
     if num_vectors >= max(2, size // _QUADRATIC_FORM_SIZE_PER_VECTOR):
         constant, precision_like = _quadratic_form(factor, weights)
         matrix = _UnpermuteSymmetric.apply(precision_like, perms)  # (B, D, D)
@@ -340,10 +413,9 @@ def _permuted_scores(
     else:
         full = (batch, num_perms, num_vectors, size)
         permuted = torch.gather(residuals[:, None].expand(full), 3, perms[:, :, None].expand(full))
-    whitened = torch.linalg.solve_triangular(factor, permuted.mT, upper=False).mT
     scores = _ResidualFormScore.apply(
         factor.reshape(batch * num_perms, size, size),
-        whitened.reshape(batch * num_perms, num_vectors, size),
+        permuted.reshape(batch * num_perms, num_vectors, size),
         weights,
     )
     return scores.view(batch, num_perms, num_vectors).mean(1)

@@ -79,21 +79,55 @@ def test_quadratic_form_gradcheck():
     )
 
 
-def test_permutation_functions_gradcheck():
+@pytest.mark.parametrize("num_perms", [1, 3])
+@pytest.mark.parametrize("select", [True, False])
+def test_permuted_cholesky_matches_autograd_through_torch(monkeypatch, num_perms, select):
+    monkeypatch.setattr(gaussian, "_SELECT_MATRICES", 64 if select else 0)
+    size = 6
+    root = torch.randn(2, size, size, requires_grad=True)
+    perms = gaussian.random_permutations(num_perms, size)
+    cotangent = torch.randn(2, num_perms, size, size).tril()
+
+    def covariance(root):
+        return root @ root.mT + torch.eye(size)
+
+    fast = gaussian._PermutedCholesky.apply(covariance(root), perms)
+    (fast_grad,) = torch.autograd.grad((fast * cotangent).sum(), root)
+    permuted = torch.stack([covariance(root)[:, p][:, :, p] for p in perms], 1)
+    reference = torch.linalg.cholesky(permuted)
+    (reference_grad,) = torch.autograd.grad((reference * cotangent).sum(), root)
+    assert torch.allclose(fast, reference, atol=1e-12)
+    assert torch.allclose(fast_grad, reference_grad, atol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda r: gaussian._PermutedCholesky.apply(covariance(r), perms), (root,)
+    )
+
+
+@pytest.mark.parametrize("tile", [1, 2, 4, 256])
+def test_mirroring_a_lower_triangle_tile_by_tile_is_adding_its_transpose(monkeypatch, tile):
+    monkeypatch.setattr(gaussian, "_TILE", tile)
+    lower = torch.randn(2, 7, 7).tril()
+    assert torch.equal(gaussian._mirror_lower_triangle(lower.clone()), lower + lower.mT)
+
+
+@pytest.mark.parametrize("select", [True, False])
+def test_unpermute_gradcheck(monkeypatch, select):
+    monkeypatch.setattr(gaussian, "_SELECT_MATRICES", 64 if select else 0)
     size = 4
-    matrix = torch.randn(2, size, size, requires_grad=True)
     perms = gaussian.random_permutations(3, size)
-    assert torch.autograd.gradcheck(lambda m: gaussian._PermuteSymmetric.apply(m, perms), (matrix,))
     stacked = torch.randn(2, 3, size, size, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda m: gaussian._UnpermuteSymmetric.apply(m, perms), (stacked,)
     )
 
 
-def test_unpermute_inverts_permute():
+@pytest.mark.parametrize("select", [True, False])
+def test_unpermute_inverts_permute(monkeypatch, select):
+    monkeypatch.setattr(gaussian, "_SELECT_MATRICES", 64 if select else 0)
     matrix = torch.randn(1, 6, 6)
     perms = gaussian.random_permutations(4, 6)
-    permuted = gaussian._PermuteSymmetric.apply(matrix, perms)
+    permuted = gaussian._gather_symmetric(matrix, perms)
+    assert torch.equal(permuted[0, 1], matrix[0][perms[1]][:, perms[1]])
     assert torch.equal(gaussian._UnpermuteSymmetric.apply(permuted, perms), matrix)
 
 

@@ -13,13 +13,13 @@ One training step (objective, backward) of an ``ExactGP`` with a ScaleKernel(RBF
 Prints the median time of several repeats per method (the methods alternate within one process,
 so changes in machine load hit all of them alike), its ratio to ``exact``, and the peak
 memory two steps add above the set-up model: on the CPU the resident memory of each method in
-its own subprocess (``resource.getrusage``), on CUDA the peak of
+its own subprocess (the peak resident memory, reset after the set-up), on CUDA the peak of
 ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
     python benchmarks/gp_step.py [--size 2000 [4000 ...]] [--repeats 7] [--threads N]
-        [--dtype float64|float32] [--device cpu|cuda]
+        [--dtype float64|float32] [--device cpu|cuda] [--methods exact masked ...]
 
 Every run also writes the printed numbers, one row per size and method, to
 ``benchmarks/results/gp_step_<device>_<dtype>.json`` (``benchmarks/report.py``), which the
@@ -45,6 +45,25 @@ METHODS = ("exact", "masked", "pyro-masked", "pyro-exact")
 def _peak_rss_mib() -> float:
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mib(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak resident memory to the current one (Linux 4.0+); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _make_step(method: str, size: int, device: str = "cpu"):
@@ -134,20 +153,29 @@ def _memory_worker(method: str, size: int, threads: int, dtype: str, device: str
         step()
         _synchronize(device)
         return {"peak_extra_mib": (torch.cuda.max_memory_allocated() - setup) / 2**20}
+    if _reset_peak_rss():
+        # The peak over the steps above the resident memory they start from; the set-up's own
+        # transient peak (imports, model building) is forgotten.
+        before = _status_mib("VmRSS")
+        step()
+        step()
+        return {"peak_extra_mib": _status_mib("VmHWM") - before}
     setup_peak = _peak_rss_mib()
     step()
     step()
     return {"peak_extra_mib": max(0.0, _peak_rss_mib() - setup_peak)}
 
 
-def _timings(size: int, repeats: int, threads: int, dtype: str, device: str) -> tuple[dict, int]:
+def _timings(
+    size: int, repeats: int, threads: int, dtype: str, device: str, methods=METHODS
+) -> tuple[dict, int]:
     """Median step time per method; methods alternate so load changes hit all alike."""
     threads = _setup(threads, dtype)
-    steps = {method: _make_step(method, size, device) for method in METHODS}
+    steps = {method: _make_step(method, size, device) for method in methods}
     for step in steps.values():
         step()  # warm-up: lazy imports, allocator, kernels
     _synchronize(device)
-    times: dict = {method: [] for method in METHODS}
+    times: dict = {method: [] for method in methods}
     for _ in range(repeats):
         for method, step in steps.items():
             start = time.perf_counter()
@@ -166,6 +194,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="methods to time (exact is always included: it is the baseline)",
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -202,13 +237,14 @@ def main() -> None:
 def _report(size: int, args: argparse.Namespace) -> tuple[list, int]:
     """Measure and print the table for ``size``; its rows for the result file, and the
     torch thread count."""
+    methods = ["exact"] + [method for method in args.methods if method != "exact"]
     memory = {}
-    for method in METHODS:
+    for method in methods:
         command = [sys.executable, __file__, "--worker", method, "--size", str(size)]
         command += ["--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[method] = json.loads(output.strip().splitlines()[-1])["peak_extra_mib"]
-    medians, threads = _timings(size, args.repeats, args.threads, args.dtype, args.device)
+    medians, threads = _timings(size, args.repeats, args.threads, args.dtype, args.device, methods)
     baseline = medians["exact"]
     where = "CPU" if args.device == "cpu" else _device_name()
     print(

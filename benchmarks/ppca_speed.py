@@ -1,11 +1,12 @@
 """Speed of the one-factorization masked score on PPCA against its peers, in one run.
 
-Probabilistic PCA with its latent integrated out, x_n ~ MVN(0, W W^T + s I), rank 10, float64,
-loss + gradient (or one SVI step), median ratio of wall times of runs that alternate with the
+Probabilistic PCA with its latent integrated out, x_n ~ MVN(0, W W^T + s I), rank 10, float64
+(or float32), loss + gradient (or one SVI step), median ratio of wall times of runs that alternate with the
 peer's. Cases:
 
 - unexpanded: one ``MultivariateNormal`` with batch shape ``()`` scores the N x D data
-  (N = 1000, D = 200 and D = 100), against torch's exact ``MultivariateNormal.log_prob``;
+  (N = 1000; D = 100, 200 and 400 by default, ``--sizes``), against torch's exact
+  ``MultivariateNormal.log_prob``;
 - plate-expanded, the README's pattern: the covariance built inside ``pyro.plate``, so the
   distribution is ``expand``-ed over the plate (exactly what ``pyro.plate`` does to it), the
   masked score of the expanded distribution against the exact ``log_prob`` of the same one
@@ -15,11 +16,13 @@ peer's. Cases:
 - the per-mask-size algorithm of Moreno-Muñoz et al. (2023): for every mask size, one random
   mask and the inverse of the visible block (the speed-up of the masked score over it).
 
-Run ``python benchmarks/ppca_speed.py`` (``--quick`` for smaller sizes). It prints one markdown
-table; the machine and thread count are printed above it. A full run also writes the table to
-``benchmarks/results/ppca_speed.json`` (``benchmarks/report.py``), which the documentation's
-performance page renders; a ``--quick`` run writes nothing. The GP case (N = 2000 against
-GPyTorch's exact marginal log likelihood, time and memory) is ``benchmarks/gp_step.py``.
+Run ``python benchmarks/ppca_speed.py`` (``--quick`` for smaller sizes, ``--dtype float32``
+for single precision). It prints one markdown table; the machine and thread count are printed
+above it. A full run also writes the table to ``benchmarks/results/ppca_speed.json``
+(``ppca_speed_float32.json`` in single precision; ``benchmarks/report.py``), which the
+documentation's performance page renders; a ``--quick`` run writes nothing. The GP case
+(against GPyTorch's exact marginal log likelihood, time and memory) is
+``benchmarks/gp_step.py``.
 """
 
 from __future__ import annotations
@@ -140,19 +143,28 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--skip-seed", action="store_true", help="skip the slow per-mask-size algorithm"
     )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[100, 200, 400],
+        help="event sizes D of the unexpanded case",
+    )
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     num_points, large, small = (200, 50, 30) if args.quick else (1000, 200, 100)
+    sizes = [large, small] if args.quick else args.sizes
     repeats = 3 if args.quick else 7
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,")
-    print(f"# torch {torch.__version__}, float64, median ratios of alternating runs\n")
+    print(f"# torch {torch.__version__}, {args.dtype}, median ratios of alternating runs\n")
     print("| loss + gradient | ratio | target |")
     print("|---|---|---|")
     rows, medians = [], []
-    for size, expanded in [(large, False), (small, False), (small, True)]:
+    for size, expanded in [(size, False) for size in sizes] + [(small, True)]:
         steps = ppca_steps(num_points, size, expanded)
         del steps["seed"]
         times = paired_times(steps, 5 * repeats)
@@ -188,8 +200,8 @@ def main(argv=None) -> None:
     if args.quick:
         return  # quick runs are smoke tests, not results
     write_results(
-        "ppca_speed",
-        title="PPCA loss + gradient and SVI step, float64: masked against its peers "
+        "ppca_speed" if args.dtype == "float64" else f"ppca_speed_{args.dtype}",
+        title=f"PPCA loss + gradient and SVI step, {args.dtype}: masked against its peers "
         f"(median ratio of {5 * repeats} alternating runs"
         + ("" if args.skip_seed else f"; {repeats} for the per-mask-size algorithm")
         + ")",

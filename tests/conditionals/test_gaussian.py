@@ -1,4 +1,5 @@
 import gc
+import math
 
 import numpy as np
 import pytest
@@ -70,12 +71,58 @@ def test_residual_form_gradcheck(monkeypatch, block):
     assert torch.autograd.gradcheck(score, (factor, whitened))
 
 
-def test_quadratic_form_gradcheck():
-    size = 5
-    factor = torch.linalg.cholesky(random_spd(size)).requires_grad_()
+def _quadratic_form_by_autograd(factor, weights):
+    """The quadratic form's parts from their definition, differentiated by autograd."""
+    size = factor.shape[-1]
+    lower = torch.ones(size, size, dtype=torch.bool).tril()
+    variance = torch.where(lower, factor.square().flip(-1).cumsum(-1).flip(-1), 1.0)
+    block_weights = weights * lower
+    constant = -0.5 * (block_weights * (variance.log() + math.log(2 * math.pi))).sum((-1, -2))
+    omega = (block_weights / variance).cumsum(-1)
+    upper = ((omega * factor).mT @ factor).triu()
+    matrix = upper + upper.triu(1).mT
+    inverse = torch.linalg.inv(factor)
+    return constant, inverse.mT @ matrix @ inverse
+
+
+@pytest.mark.parametrize("tile", [2, 3, 128])
+def test_quadratic_form_parts_match_autograd_and_gradcheck(monkeypatch, tile):
+    monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)
+    size = 7
+    root = torch.randn(2, size, size, requires_grad=True)
     weights = _context_weights(size)
+    cotangents = torch.randn(2), torch.randn(2, size, size)
+
+    def factor(root):
+        return torch.linalg.cholesky(root @ root.mT + torch.eye(size))
+
+    fast = gaussian._QuadraticFormParts.apply(factor(root), weights)
+    reference = _quadratic_form_by_autograd(factor(root), weights)
+    for part, expected in zip(fast, reference):
+        assert torch.allclose(part, expected, atol=1e-10)
+    fast_grad = torch.autograd.grad(sum((p * c).sum() for p, c in zip(fast, cotangents)), root)
+    reference_grad = torch.autograd.grad(
+        sum((p * c).sum() for p, c in zip(reference, cotangents)), root
+    )
+    assert torch.allclose(fast_grad[0], reference_grad[0], atol=1e-9)
     assert torch.autograd.gradcheck(
-        lambda f: gaussian._quadratic_form(f.tril()[None], weights), (factor,)
+        lambda r: gaussian._QuadraticFormParts.apply(factor(r), weights), (root,)
+    )
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 128])
+def test_blocked_triangular_products_equal_the_plain_products(monkeypatch, tile):
+    monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)
+    lower, other = torch.randn(2, 7, 7).tril(), torch.randn(2, 7, 7)
+    assert torch.allclose(
+        gaussian._lower_of_transposed_product(lower, other), (lower.mT @ other).tril()
+    )
+    assert torch.allclose(
+        gaussian._lower_times_upper_lower_part(lower, other.triu()),
+        (lower @ other.triu()).tril(),
+    )
+    assert torch.allclose(
+        gaussian._lower_times_strictly_lower(lower, other.tril(-1)), lower @ other.tril(-1)
     )
 
 

@@ -1,8 +1,8 @@
 """Speed of the one-factorization masked score on PPCA against its peers, in one run.
 
 Probabilistic PCA with its latent integrated out, x_n ~ MVN(0, W W^T + s I), rank 10, float64
-(or float32), loss + gradient (or one SVI step), median ratio of wall times of runs that alternate with the
-peer's. Cases:
+(or float32), loss + gradient (or one SVI step), median ratio of wall times of runs that
+alternate with the peer's. Cases:
 
 - unexpanded: one ``MultivariateNormal`` with batch shape ``()`` scores the N x D data
   (N = 1000; D = 100, 200 and 400 by default, ``--sizes``), against torch's exact

@@ -165,6 +165,26 @@ def _mirror_lower_triangle(lower: torch.Tensor) -> torch.Tensor:
     return lower
 
 
+def _symmetrized(matrix: torch.Tensor) -> torch.Tensor:
+    """:math:`(A + A^\\top)/2`, tile by tile so that the transposed reads stay in cache."""
+    size = matrix.shape[-1]
+    out = torch.empty_like(matrix)
+    for start in range(0, size, _TILE):
+        stop = min(size, start + _TILE)
+        for left in range(0, stop, _TILE):
+            right = min(size, left + _TILE)
+            tile = out[..., start:stop, left:right]
+            torch.add(
+                matrix[..., start:stop, left:right],
+                matrix[..., left:right, start:stop].mT,
+                out=tile,
+            )
+            tile.mul_(0.5)
+            if left < start:
+                out[..., left:right, start:stop] = tile.mT
+    return out
+
+
 #: Up to this many matrices, permutations are applied one matrix at a time by row and column
 #: selection (contiguous copies, several times faster than a batched gather at GP sizes).
 _SELECT_MATRICES = 64
@@ -207,13 +227,15 @@ class _UnpermuteSymmetric(torch.autograd.Function):
     def forward(ctx, matrices: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(perms)
         inverse = torch.argsort(perms, dim=-1)
-        return _gather_symmetric(matrices, inverse, reduce=True) / perms.shape[-2]
+        total = _gather_symmetric(matrices, inverse, reduce=True)
+        return total if perms.shape[-2] == 1 else total / perms.shape[-2]
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (perms,) = ctx.saved_tensors
         num_perms = perms.shape[-2]
-        return _gather_symmetric(grad_out, perms) / num_perms, None
+        grad = _gather_symmetric(grad_out, perms)
+        return grad if num_perms == 1 else grad / num_perms, None
 
 
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -437,17 +459,17 @@ class _QuadraticFormParts(torch.autograd.Function):
         matrix = _mirror_lower_triangle(products)  # M
         half = torch.linalg.solve_triangular(factor.mT, matrix.mT, upper=True)  # L^-T M
         precision_like = torch.linalg.solve_triangular(factor, half, upper=False, left=False)
-        ctx.save_for_backward(factor, inverse, scaled, omega, weighted, matrix)
+        ctx.save_for_backward(factor, inverse, scaled, omega, weighted, precision_like)
         return constant, precision_like
 
     @staticmethod
     def backward(ctx, grad_constant: torch.Tensor, grad_matrix: torch.Tensor):
-        factor, inverse, scaled, omega, weighted, matrix = ctx.saved_tensors
-        symmetric = 0.5 * (grad_matrix + grad_matrix.mT)
+        factor, inverse, scaled, omega, weighted, precision_like = ctx.saved_tensors
+        symmetric = _symmetrized(grad_matrix)
         half = torch.linalg.solve_triangular(factor, symmetric, upper=False)  # L^-1 Bbar
         inner = torch.linalg.solve_triangular(factor, half.mT, upper=False)  # W
-        # Through the two solves: -2 L^-T M W.
-        grad = torch.linalg.solve_triangular(factor.mT, matrix @ inner, upper=True).mul_(-2.0)
+        # Through the two solves: -2 L^-T M W = -2 (L^-T M L^-1) (L W), and L W = (L^-1 Bbar)^T.
+        grad = torch.matmul(precision_like, half.mT).mul_(-2.0)
         # Through M's explicit L and its Omega.
         grad += 2.0 * _lower_times_upper_lower_part(weighted, inner.triu())
         crossed = _lower_times_strictly_lower(factor, inner.tril(-1))  # Q

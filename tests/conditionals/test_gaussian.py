@@ -151,10 +151,12 @@ def test_permuted_cholesky_matches_autograd_through_torch(monkeypatch, num_perms
 
 
 @pytest.mark.parametrize("tile", [1, 2, 4, 256])
-def test_mirroring_a_lower_triangle_tile_by_tile_is_adding_its_transpose(monkeypatch, tile):
+def test_tiled_transposes_equal_the_plain_ones(monkeypatch, tile):
     monkeypatch.setattr(gaussian, "_TILE", tile)
     lower = torch.randn(2, 7, 7).tril()
     assert torch.equal(gaussian._mirror_lower_triangle(lower.clone()), lower + lower.mT)
+    square = torch.randn(2, 7, 7)
+    assert torch.allclose(gaussian._symmetrized(square), (square + square.mT) / 2)
 
 
 @pytest.mark.parametrize("select", [True, False])

@@ -22,9 +22,9 @@ Usage::
         [--dtype float64|float32] [--device cpu|cuda] [--methods exact masked ...]
 
 Every run also writes the printed numbers, one row per size and method, to
-``benchmarks/results/gp_step_<device>_<dtype>.json`` (``benchmarks/report.py``), which the
-documentation's performance page renders; a later run with the same device and dtype replaces
-it.
+``benchmarks/results/gp_step_<device>_<dtype>_<sizes>.json`` (``benchmarks/report.py``), which
+the documentation's performance page renders; a later run with the same device, dtype and sizes
+replaces it.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def main() -> None:
         rows += size_rows
     where = "CPU" if args.device == "cpu" else _device_name()
     write_results(
-        f"gp_step_{args.device}_{args.dtype}",
+        f"gp_step_{args.device}_{args.dtype}_" + "_".join(map(str, args.size)),
         title=(
             f"GP training step (objective + backward), {args.dtype}, {where}, "
             f"{threads} torch thread(s): median of {args.repeats} steps, against GPyTorch exact"

@@ -351,8 +351,9 @@ class _ResidualScatter:
                 self._entries[key] = entry
             _, second_moment, total = entry
         loc = self.loc
-        cross = torch.outer(total, loc)
-        scatter = second_moment - cross - cross.mT + data.shape[0] * torch.outer(loc, loc)
+        # sum_n (x_n - mu)(x_n - mu)^T = X^T X - t mu^T - mu (t - N mu)^T, t the sum of rows
+        scatter = torch.addr(second_moment, total, loc, alpha=-1)
+        scatter.addr_(loc, total - data.shape[0] * loc, alpha=-1)
         return scatter[None]
 
 

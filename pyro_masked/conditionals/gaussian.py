@@ -445,13 +445,13 @@ class _QuadraticFormParts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, factor: torch.Tensor, weights: torch.Tensor):
         size = factor.shape[-1]
-        lower = torch.ones(size, size, dtype=torch.bool, device=factor.device).tril()
+        above = torch.ones(size, size, dtype=torch.bool, device=factor.device).triu_(1)
         # v_jk = sum_{i >= k} L_ji^2 below the diagonal, 1 above (where L is zero).
-        variance = _reverse_cumsum(factor.square()).add_(~lower)
+        variance = factor.flip(-1).square_().cumsum_(-1).flip(-1).masked_fill_(above, 1.0)
         inverse = variance.reciprocal()
         counts = torch.arange(size, 0, -1, device=weights.device, dtype=weights.dtype)
         constant = -0.5 * (variance.log_() @ weights).sum(-1) - 0.5 * LOG_2PI * (weights @ counts)
-        scaled = inverse * (weights * lower)  # s_jk = c_k / v_jk, zero above the diagonal
+        scaled = (inverse * weights).masked_fill_(above, 0.0)  # s_jk = c_k / v_jk, 0 above
         omega = scaled.cumsum(-1)
         weighted = omega * factor  # Omega o L, lower triangular
         products = _lower_of_transposed_product(factor, weighted)
@@ -471,14 +471,16 @@ class _QuadraticFormParts(torch.autograd.Function):
         # Through the two solves: -2 L^-T M W = -2 (L^-T M L^-1) (L W), and L W = (L^-1 Bbar)^T.
         grad = torch.matmul(precision_like, half.mT).mul_(-2.0)
         # Through M's explicit L and its Omega.
-        grad += 2.0 * _lower_times_upper_lower_part(weighted, inner.triu())
+        grad.add_(_lower_times_upper_lower_part(weighted, inner.triu()), alpha=2.0)
         crossed = _lower_times_strictly_lower(factor, inner.tril(-1))  # Q
-        grad += 2.0 * omega * crossed
+        grad.addcmul_(omega, crossed, value=2.0)
         diagonal = inner.diagonal(dim1=-2, dim2=-1)[..., None, :]
-        grad_omega = factor * (factor * diagonal + 2.0 * crossed)
+        grad_omega = crossed.mul_(2.0).addcmul_(factor, diagonal).mul_(factor)
         grad_scaled = _reverse_cumsum(grad_omega)
-        grad_variance = -scaled * (inverse * grad_scaled + 0.5 * grad_constant[..., None, None])
-        grad += 2.0 * factor * grad_variance.cumsum(-1)
+        # -(s / v) o sbar - abar s / 2, then 2 L o (prefix sums over k)
+        grad_variance = grad_scaled.mul_(inverse).add_(0.5 * grad_constant[..., None, None])
+        grad_variance.mul_(scaled).cumsum_(-1)
+        grad.addcmul_(factor, grad_variance, value=-2.0)
         return grad, None
 
 

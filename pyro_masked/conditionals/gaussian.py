@@ -105,7 +105,7 @@ class _PermutedCholesky(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, covariance: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-        factor = cholesky(_gather_symmetric(covariance, perms), what=_COVARIANCE)
+        factor = cholesky(_gather_symmetric(covariance, perms, symmetric=True), what=_COVARIANCE)
         ctx.save_for_backward(factor, perms)
         return factor
 
@@ -119,7 +119,8 @@ class _PermutedCholesky(torch.autograd.Function):
         # major) view and solving from the right saves LAPACK's layout copies.
         half = torch.linalg.solve_triangular(factor.mT, symmetric.mT, upper=True)
         grad = torch.linalg.solve_triangular(factor, half, upper=False, left=False).mul_(0.5)
-        return _gather_symmetric(grad, torch.argsort(perms, dim=-1), reduce=True), None
+        inverse = torch.argsort(perms, dim=-1)
+        return _gather_symmetric(grad, inverse, reduce=True, symmetric=True), None
 
 
 #: Tile edge for transposing within a matrix: a tile and its mirror stay in cache.
@@ -190,12 +191,28 @@ def _symmetrized(matrix: torch.Tensor) -> torch.Tensor:
 _SELECT_MATRICES = 64
 
 
+def _transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``matrix.mT``, tile by tile so that the strided reads stay in
+    cache."""
+    size = matrix.shape[-1]
+    out = torch.empty_like(matrix)
+    for start in range(0, size, _TILE):
+        for left in range(0, size, _TILE):
+            out[..., left : left + _TILE, start : start + _TILE] = matrix[
+                ..., start : start + _TILE, left : left + _TILE
+            ].mT
+    return out
+
+
 def _gather_symmetric(
-    matrix: torch.Tensor, perms: torch.Tensor, reduce: bool = False
+    matrix: torch.Tensor, perms: torch.Tensor, reduce: bool = False, symmetric: bool = False
 ) -> torch.Tensor:
     """``out[b, s] = matrix[b, (s)][perm[b, s]][:, perm[b, s]]``; ``matrix`` is ``(B, D, D)`` or
     ``(B, S, D, D)``; ``perms`` is ``(S, D)``, ``(1, S, D)`` or ``(B, S, D)``. With ``reduce``
-    the result is summed over ``s``, shape ``(B, D, D)``."""
+    the result is summed over ``s``, shape ``(B, D, D)``. With ``symmetric`` (the matrices are
+    symmetric, up to rounding) the columns are selected as rows of the transpose: two
+    contiguous row selections and a tiled transpose cost less than one strided column
+    selection."""
     if perms.dim() == 2:
         perms = perms[None]
     batch, size = matrix.shape[0], matrix.shape[-1]
@@ -207,7 +224,11 @@ def _gather_symmetric(
             for s in range(num_perms):
                 perm = perms[b if perms.shape[0] > 1 else 0, s]
                 source = matrix[b, s] if matrix.dim() == 4 else matrix[b]
-                torch.index_select(source.index_select(-2, perm), -1, perm, out=out[b, s])
+                rows = source.index_select(-2, perm)
+                if symmetric:
+                    torch.index_select(_transposed(rows), -2, perm, out=out[b, s])
+                else:
+                    torch.index_select(rows, -1, perm, out=out[b, s])
         return out.sum(1) if reduce and num_perms > 1 else out[:, 0] if reduce else out
     if matrix.dim() == 3 and perms.shape[0] == 1:
         rows = matrix.index_select(-2, perms.reshape(-1)).view(full)
@@ -221,21 +242,24 @@ def _gather_symmetric(
 
 class _UnpermuteSymmetric(torch.autograd.Function):
     """``out[b] = mean_s B[b, s][inv[b, s]][:, inv[b, s]]``, the inverse of
-    :func:`_gather_symmetric`."""
+    :func:`_gather_symmetric`; ``symmetric`` as there (for the matrices and the gradient)."""
 
     @staticmethod
-    def forward(ctx, matrices: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, matrices: torch.Tensor, perms: torch.Tensor, symmetric: bool = False
+    ) -> torch.Tensor:
         ctx.save_for_backward(perms)
+        ctx.symmetric = symmetric
         inverse = torch.argsort(perms, dim=-1)
-        total = _gather_symmetric(matrices, inverse, reduce=True)
+        total = _gather_symmetric(matrices, inverse, reduce=True, symmetric=symmetric)
         return total if perms.shape[-2] == 1 else total / perms.shape[-2]
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (perms,) = ctx.saved_tensors
         num_perms = perms.shape[-2]
-        grad = _gather_symmetric(grad_out, perms)
-        return grad if num_perms == 1 else grad / num_perms, None
+        grad = _gather_symmetric(grad_out, perms, symmetric=ctx.symmetric)
+        return grad if num_perms == 1 else grad / num_perms, None, None
 
 
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -530,7 +554,8 @@ def _permuted_scores(
     factor = _PermutedCholesky.apply(covariance, perms)  # (B, S, D, D)
     if num_vectors >= max(2, size // _QUADRATIC_FORM_SIZE_PER_VECTOR):
         constant, precision_like = _QuadraticFormParts.apply(factor, weights)
-        matrix = _UnpermuteSymmetric.apply(precision_like, perms)  # (B, D, D)
+        # Symmetric: B' by construction, its gradient as the quadratic forms send it.
+        matrix = _UnpermuteSymmetric.apply(precision_like, perms, True)  # (B, D, D)
         quadratic = _QuadraticForms.apply(matrix, residuals, scatter)
         return constant.mean(1)[:, None] - 0.5 * quadratic
     if perms.shape[0] == 1:

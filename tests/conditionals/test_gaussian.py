@@ -153,9 +153,10 @@ def test_permuted_cholesky_matches_autograd_through_torch(monkeypatch, num_perms
 @pytest.mark.parametrize("tile", [1, 2, 4, 256])
 def test_tiled_transposes_equal_the_plain_ones(monkeypatch, tile):
     monkeypatch.setattr(gaussian, "_TILE", tile)
+    square = torch.randn(2, 7, 7)
+    assert torch.equal(gaussian._transposed(square), square.mT)
     lower = torch.randn(2, 7, 7).tril()
     assert torch.equal(gaussian._mirror_lower_triangle(lower.clone()), lower + lower.mT)
-    square = torch.randn(2, 7, 7)
     assert torch.allclose(gaussian._symmetrized(square), (square + square.mT) / 2)
 
 
@@ -178,6 +179,10 @@ def test_unpermute_inverts_permute(monkeypatch, select):
     permuted = gaussian._gather_symmetric(matrix, perms)
     assert torch.equal(permuted[0, 1], matrix[0][perms[1]][:, perms[1]])
     assert torch.equal(gaussian._UnpermuteSymmetric.apply(permuted, perms), matrix)
+    symmetric = matrix + matrix.mT
+    fast = gaussian._gather_symmetric(symmetric, perms, symmetric=True)
+    assert torch.equal(fast, gaussian._gather_symmetric(symmetric, perms))
+    assert torch.equal(gaussian._UnpermuteSymmetric.apply(fast, perms, True), symmetric)
 
 
 @pytest.mark.parametrize("size", [1, 3, 5])

@@ -116,11 +116,22 @@ class _PermutedCholesky(torch.autograd.Function):
         phi.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         symmetric = _mirror_lower_triangle(phi)  # Phi + Phi^T
         # A symmetric matrix is its own transpose: handing the solver the transposed (column-
-        # major) view and solving from the right saves LAPACK's layout copies.
-        half = torch.linalg.solve_triangular(factor.mT, symmetric.mT, upper=True)
-        grad = torch.linalg.solve_triangular(factor, half, upper=False, left=False).mul_(0.5)
+        # major) view and solving from the right saves LAPACK's layout copies. Both solves
+        # overwrite their right-hand side: no new D x D buffer, the step's peak memory.
+        half = _solve_in_place(factor.mT, symmetric.mT, upper=True)
+        grad = _solve_in_place(factor, half, upper=False, left=False).mul_(0.5)
+        del phi, symmetric, half
         inverse = torch.argsort(perms, dim=-1)
         return _gather_symmetric(grad, inverse, reduce=True, symmetric=True), None
+
+
+def _solve_in_place(
+    factor: torch.Tensor, rhs: torch.Tensor, *, upper: bool, left: bool = True
+) -> torch.Tensor:
+    """:func:`torch.linalg.solve_triangular` writing over ``rhs`` (a temporary of the caller):
+    the solver works in place anyway, and a fresh :math:`D \\times D` result would cost an
+    allocation and a copy."""
+    return torch.linalg.solve_triangular(factor, rhs, upper=upper, left=left, out=rhs)
 
 
 #: Tile edge for transposing within a matrix: a tile and its mirror stay in cache.
@@ -226,7 +237,8 @@ def _gather_symmetric(
                 source = matrix[b, s] if matrix.dim() == 4 else matrix[b]
                 rows = source.index_select(-2, perm)
                 if symmetric:
-                    torch.index_select(_transposed(rows), -2, perm, out=out[b, s])
+                    rows = _transposed(rows)
+                    torch.index_select(rows, -2, perm, out=out[b, s])
                 else:
                     torch.index_select(rows, -1, perm, out=out[b, s])
         return out.sum(1) if reduce and num_perms > 1 else out[:, 0] if reduce else out
@@ -481,8 +493,8 @@ class _QuadraticFormParts(torch.autograd.Function):
         products = _lower_of_transposed_product(factor, weighted)
         products.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         matrix = _mirror_lower_triangle(products)  # M
-        half = torch.linalg.solve_triangular(factor.mT, matrix.mT, upper=True)  # L^-T M
-        precision_like = torch.linalg.solve_triangular(factor, half, upper=False, left=False)
+        half = _solve_in_place(factor.mT, matrix.mT, upper=True)  # L^-T M
+        precision_like = _solve_in_place(factor, half, upper=False, left=False)
         ctx.save_for_backward(factor, inverse, scaled, omega, weighted, precision_like)
         return constant, precision_like
 
@@ -490,7 +502,7 @@ class _QuadraticFormParts(torch.autograd.Function):
     def backward(ctx, grad_constant: torch.Tensor, grad_matrix: torch.Tensor):
         factor, inverse, scaled, omega, weighted, precision_like = ctx.saved_tensors
         symmetric = _symmetrized(grad_matrix)
-        half = torch.linalg.solve_triangular(factor, symmetric, upper=False)  # L^-1 Bbar
+        half = _solve_in_place(factor, symmetric, upper=False)  # L^-1 Bbar
         inner = torch.linalg.solve_triangular(factor, half.mT, upper=False)  # W
         # Through the two solves: -2 L^-T M W = -2 (L^-T M L^-1) (L W), and L W = (L^-1 Bbar)^T.
         grad = torch.matmul(precision_like, half.mT).mul_(-2.0)

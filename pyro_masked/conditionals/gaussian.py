@@ -394,12 +394,19 @@ class _QuadraticForms(torch.autograd.Function):
     usual case) it is :math:`g\\, E^\\top E`, and ``scatter()`` (a callable returning
     :math:`E^\\top E` of shape ``(B, D, D)``, or ``None``) can supply that from a cache of the
     observed data, saving the :math:`O(N D^2)` product of every backward pass.
+
+    ``B`` is symmetric. When the residuals need no gradient (observed data, a fixed mean), the
+    forms are read off :math:`B`'s upper triangle (:func:`_symmetric_quadratic_forms`), half
+    the multiply-adds of :math:`e^\\top (B e)`.
     """
 
     @staticmethod
     def forward(ctx, matrix: torch.Tensor, residuals: torch.Tensor, scatter):
-        projected = residuals @ matrix
         ctx.scatter = scatter
+        if not ctx.needs_input_grad[1]:
+            ctx.save_for_backward(residuals, None)
+            return _symmetric_quadratic_forms(residuals, matrix)
+        projected = residuals @ matrix
         ctx.save_for_backward(residuals, projected)
         return (projected * residuals).sum(-1)
 
@@ -416,6 +423,26 @@ class _QuadraticForms(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_residuals = 2 * grad_out[..., None] * projected
         return grad_matrix, grad_residuals, None
+
+
+def _symmetric_quadratic_forms(residuals: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """:math:`e_n^\\top A e_n` for symmetric ``A`` ``(B, D, D)`` and ``residuals`` ``(B, n, D)``.
+
+    With :math:`U` the upper triangle of :math:`A`, off-diagonal entries doubled,
+    :math:`e^\\top A e = e^\\top U e`, and column block :math:`J` of :math:`U` meets only the
+    first :math:`\\max J` coordinates: about :math:`n D^2 / 2` multiply-adds.
+    """
+    size = matrix.shape[-1]
+    if size <= _PRODUCT_ROWS:
+        return ((residuals @ matrix) * residuals).sum(-1)
+    upper = matrix.triu(1).mul_(2.0)
+    upper.diagonal(dim1=-2, dim2=-1).copy_(matrix.diagonal(dim1=-2, dim2=-1))
+    out = residuals.new_zeros(residuals.shape[:-1])
+    for start in range(0, size, _PRODUCT_ROWS):
+        stop = min(size, start + _PRODUCT_ROWS)
+        projected = residuals[..., :stop] @ upper[..., :stop, start:stop]
+        out += projected.mul_(residuals[..., start:stop]).sum(-1)
+    return out
 
 
 def _lower_times_upper_lower_part(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:

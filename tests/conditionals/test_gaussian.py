@@ -110,6 +110,23 @@ def test_quadratic_form_parts_match_autograd_and_gradcheck(monkeypatch, tile):
     )
 
 
+@pytest.mark.parametrize("tile", [1, 3, 128])
+def test_quadratic_forms_from_the_upper_triangle_equal_the_plain_ones(monkeypatch, tile):
+    monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)
+    root = torch.randn(2, 7, 7)
+    matrix = (root + root.mT).requires_grad_()
+    residuals = torch.randn(2, 5, 7)
+    expected = ((residuals @ matrix) * residuals).sum(-1)
+    assert torch.allclose(gaussian._symmetric_quadratic_forms(residuals, matrix), expected)
+    # The triangle path (residuals without gradient) and the full one (with) agree, gradients too.
+    fixed = gaussian._QuadraticForms.apply(matrix, residuals, None)
+    free = gaussian._QuadraticForms.apply(matrix, residuals.clone().requires_grad_(), None)
+    assert torch.allclose(fixed, expected) and torch.allclose(free, expected)
+    (grad_fixed,) = torch.autograd.grad(fixed.sum(), matrix)
+    (grad_free,) = torch.autograd.grad(free.sum(), matrix)
+    assert torch.allclose(grad_fixed, grad_free)
+
+
 @pytest.mark.parametrize("tile", [1, 2, 3, 128])
 def test_blocked_triangular_products_equal_the_plain_products(monkeypatch, tile):
     monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)

@@ -97,10 +97,13 @@ class _PermutedCholesky(torch.autograd.Function):
     matrix) or ``(B, S, D)``; returns ``(B, S, D, D)``. The backward is the factorization's
     (Murray, "Differentiation of the Cholesky decomposition", 2016):
     :math:`\\bar\\Sigma_s = \\tfrac12 (Y + Y^\\top)` with :math:`Y = L^{-\\top} \\Phi(L^\\top
-    \\bar L) L^{-1}`, :math:`\\Phi` the lower triangle with its diagonal halved, taken in place
-    and with two triangular solves, followed by the inverse permutation. Apart from the matrix
-    product and the solves it makes three passes over each :math:`D \\times D` gradient, where
-    autograd through a gather and :func:`torch.linalg.cholesky` makes about ten.
+    \\bar L) L^{-1}`, :math:`\\Phi` the lower triangle with its diagonal halved, followed by
+    the inverse permutation. The product :math:`L^\\top \\bar L` is formed only in its lower
+    triangle, block by block (:func:`_lower_of_transposed_product`: a sixth of a full product's
+    multiply-adds), the two triangular solves overwrite their right-hand sides, and the
+    permutations select rows around a tiled transpose; autograd through a gather and
+    :func:`torch.linalg.cholesky` forms the full product and makes about ten more passes over
+    :math:`D \\times D` matrices.
     """
 
     @staticmethod

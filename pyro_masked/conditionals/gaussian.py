@@ -428,6 +428,11 @@ class _QuadraticForms(torch.autograd.Function):
         return grad_matrix, grad_residuals, None
 
 
+#: Columns per block of :func:`_symmetric_quadratic_forms` (narrower than products of two
+#: matrices: the many vectors keep each block's product efficient).
+_FORM_COLUMNS = 64
+
+
 def _symmetric_quadratic_forms(residuals: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """:math:`e_n^\\top A e_n` for symmetric ``A`` ``(B, D, D)`` and ``residuals`` ``(B, n, D)``.
 
@@ -436,13 +441,13 @@ def _symmetric_quadratic_forms(residuals: torch.Tensor, matrix: torch.Tensor) ->
     first :math:`\\max J` coordinates: about :math:`n D^2 / 2` multiply-adds.
     """
     size = matrix.shape[-1]
-    if size <= _PRODUCT_ROWS:
+    if size <= 2 * _FORM_COLUMNS:
         return ((residuals @ matrix) * residuals).sum(-1)
     upper = matrix.triu(1).mul_(2.0)
     upper.diagonal(dim1=-2, dim2=-1).copy_(matrix.diagonal(dim1=-2, dim2=-1))
     out = residuals.new_zeros(residuals.shape[:-1])
-    for start in range(0, size, _PRODUCT_ROWS):
-        stop = min(size, start + _PRODUCT_ROWS)
+    for start in range(0, size, _FORM_COLUMNS):
+        stop = min(size, start + _FORM_COLUMNS)
         projected = residuals[..., :stop] @ upper[..., :stop, start:stop]
         out += projected.mul_(residuals[..., start:stop]).sum(-1)
     return out

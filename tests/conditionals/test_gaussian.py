@@ -112,7 +112,7 @@ def test_quadratic_form_parts_match_autograd_and_gradcheck(monkeypatch, tile):
 
 @pytest.mark.parametrize("tile", [1, 3, 128])
 def test_quadratic_forms_from_the_upper_triangle_equal_the_plain_ones(monkeypatch, tile):
-    monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)
+    monkeypatch.setattr(gaussian, "_FORM_COLUMNS", tile)
     root = torch.randn(2, 7, 7)
     matrix = (root + root.mT).requires_grad_()
     residuals = torch.randn(2, 5, 7)

@@ -295,10 +295,10 @@ def estimate_multilevel_log_marginal(
         if seed is not None
         else np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
     )
-    start = time.perf_counter()
     with torch.no_grad():
         for level in levels:  # the neighbour lists first, outside the measured costs
             level.sampler.neighbor_lists()
+        start = time.perf_counter()
         if num_triples is None:
             counts = _allocate(
                 levels,

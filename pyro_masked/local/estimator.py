@@ -221,7 +221,11 @@ def estimate_local_log_marginal(
     :math:`O(\\text{num\\_batches} \\cdot B c^3)` plus the neighbour search. With
     ``context_size = N - 1`` the estimate is unbiased for the exact evidence; with smaller
     contexts it is the evidence of the local (screening) approximation, whose gap to the exact
-    one shrinks as :math:`c` grows. Use it to compare kernels at :math:`N = 10^6`.
+    one shrinks as :math:`c` grows. Use it to compare kernels at :math:`N = 10^6`. The
+    screening error is largest with heavy noise and many points within a lengthscale (at
+    :math:`N = 10^4`, 2-D, lengthscale 0.11, noise 0.013: 2.5% low at :math:`c = 32`);
+    :func:`~pyro_masked.local.multilevel.estimate_multilevel_log_marginal` corrects it with
+    a few triples at larger, nested contexts.
 
     :param kernel: a GPyTorch kernel.
     :param X: training inputs ``(N, d)``; ``y``: targets ``(N,)``.

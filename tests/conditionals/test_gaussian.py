@@ -91,10 +91,16 @@ def test_quadratic_form_parts_match_autograd_and_gradcheck(monkeypatch, tile):
     size = 7
     root = torch.randn(2, size, size, requires_grad=True)
     weights = _context_weights(size)
-    cotangents = torch.randn(2), torch.randn(2, size, size)
+    # The matrix is symmetric and so is the gradient it receives (the quadratic forms').
+    asymmetric = torch.randn(2, size, size)
+    cotangents = torch.randn(2), asymmetric + asymmetric.mT
 
     def factor(root):
         return torch.linalg.cholesky(root @ root.mT + torch.eye(size))
+
+    def symmetrised_parts(root):
+        constant, matrix = gaussian._QuadraticFormParts.apply(factor(root), weights)
+        return constant, (matrix + matrix.mT) / 2
 
     fast = gaussian._QuadraticFormParts.apply(factor(root), weights)
     reference = _quadratic_form_by_autograd(factor(root), weights)
@@ -105,9 +111,7 @@ def test_quadratic_form_parts_match_autograd_and_gradcheck(monkeypatch, tile):
         sum((p * c).sum() for p, c in zip(reference, cotangents)), root
     )
     assert torch.allclose(fast_grad[0], reference_grad[0], atol=1e-9)
-    assert torch.autograd.gradcheck(
-        lambda r: gaussian._QuadraticFormParts.apply(factor(r), weights), (root,)
-    )
+    assert torch.autograd.gradcheck(symmetrised_parts, (root,))
 
 
 @pytest.mark.parametrize("tile", [1, 3, 128])
@@ -145,8 +149,11 @@ def test_blocked_triangular_products_equal_the_plain_products(monkeypatch, tile)
 
 @pytest.mark.parametrize("num_perms", [1, 3])
 @pytest.mark.parametrize("select", [True, False])
-def test_permuted_cholesky_matches_autograd_through_torch(monkeypatch, num_perms, select):
+@pytest.mark.parametrize("blocked", [True, False])
+def test_permuted_cholesky_matches_autograd_through_torch(monkeypatch, num_perms, select, blocked):
     monkeypatch.setattr(gaussian, "_SELECT_MATRICES", 64 if select else 0)
+    monkeypatch.setattr(gaussian, "_BLOCKED_BACKWARD_SIZE", 2 if blocked else 10**9)
+    monkeypatch.setattr(gaussian, "_CHOLESKY_BLOCK", 4)
     size = 6
     root = torch.randn(2, size, size, requires_grad=True)
     perms = gaussian.random_permutations(num_perms, size)
@@ -167,14 +174,26 @@ def test_permuted_cholesky_matches_autograd_through_torch(monkeypatch, num_perms
     )
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 128])
+def test_blocked_cholesky_backward_equals_autograd_through_torch(monkeypatch, block):
+    monkeypatch.setattr(gaussian, "_BLOCKED_BACKWARD_SIZE", 2)
+    monkeypatch.setattr(gaussian, "_CHOLESKY_BLOCK", block)
+    size = 7
+    root = torch.randn(2, 3, size, size)
+    covariance = (root @ root.mT + torch.eye(size)).requires_grad_()
+    factor = torch.linalg.cholesky(covariance)
+    cotangent = torch.randn_like(factor)  # entries above the diagonal must be ignored
+    (expected,) = torch.autograd.grad(factor, covariance, cotangent)
+    fast = gaussian._cholesky_backward(factor.detach(), cotangent)
+    assert torch.allclose(fast, (expected + expected.mT) / 2, atol=1e-12)
+    assert torch.equal(fast, fast.mT)
+
+
 @pytest.mark.parametrize("tile", [1, 2, 4, 256])
-def test_tiled_transposes_equal_the_plain_ones(monkeypatch, tile):
+def test_tiled_mirror_equals_the_plain_one(monkeypatch, tile):
     monkeypatch.setattr(gaussian, "_TILE", tile)
-    square = torch.randn(2, 7, 7)
-    assert torch.equal(gaussian._transposed(square), square.mT)
     lower = torch.randn(2, 7, 7).tril()
     assert torch.equal(gaussian._mirror_lower_triangle(lower.clone()), lower + lower.mT)
-    assert torch.allclose(gaussian._symmetrized(square), (square + square.mT) / 2)
 
 
 @pytest.mark.parametrize("select", [True, False])
@@ -200,6 +219,22 @@ def test_unpermute_inverts_permute(monkeypatch, select):
     fast = gaussian._gather_symmetric(symmetric, perms, symmetric=True)
     assert torch.equal(fast, gaussian._gather_symmetric(symmetric, perms))
     assert torch.equal(gaussian._UnpermuteSymmetric.apply(fast, perms, True), symmetric)
+
+
+@pytest.mark.parametrize("elements", [1, 7, 20, 2**18])
+def test_flat_gathers_by_chunks_equal_row_and_column_selection(monkeypatch, elements):
+    monkeypatch.setattr(gaussian, "_GATHER_ELEMENTS", elements)
+    matrix = torch.randn(7, 7, dtype=torch.float64)
+    perm = torch.randperm(7)
+    out = torch.empty_like(matrix)
+    gaussian._permute_into(out, matrix, perm, symmetric=False)
+    assert torch.equal(out, matrix[perm][:, perm])
+    # A transposed layout: copied when the matrix may be asymmetric, read as it lies when not.
+    gaussian._permute_into(out, matrix.mT, perm, symmetric=False)
+    assert torch.equal(out, matrix.mT[perm][:, perm])
+    symmetric = matrix + matrix.mT
+    gaussian._permute_into(out, symmetric.mT, perm, symmetric=True)
+    assert torch.equal(out, symmetric[perm][:, perm])
 
 
 @pytest.mark.parametrize("size", [1, 3, 5])

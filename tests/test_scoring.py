@@ -235,12 +235,21 @@ def test_cached_data_scatter_gives_the_same_gradients(monkeypatch, uniform):
     cached = gradients()
     data.mul_(2.0)  # an in-place change must invalidate the cached scatter
     cached_after_change = gradients()
+    # So must a change no version counter sees (a NumPy view of the buffer rewritten).
+    version = data._version
+    data.numpy()[:3] += 1.0
+    assert data._version == version
+    cached_after_hidden_change = gradients()
     monkeypatch.setattr(scoring, "_ResidualScatter", lambda value, loc: None)
+    reference_after_hidden_change = gradients()
+    data.numpy()[:3] -= 1.0
     reference_after_change = gradients()
     data.div_(2.0)
     reference = gradients()
-    for got, expected in zip(cached + cached_after_change, reference + reference_after_change):
-        assert torch.allclose(got, expected, atol=1e-10)
+    got = cached + cached_after_change + cached_after_hidden_change
+    expected = reference + reference_after_change + reference_after_hidden_change
+    for got_grad, expected_grad in zip(got, expected):
+        assert torch.allclose(got_grad, expected_grad, atol=1e-10)
 
 
 def test_finite_values_whose_sum_overflows_are_accepted():

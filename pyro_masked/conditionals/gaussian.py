@@ -185,12 +185,7 @@ def _cholesky_backward(factor: torch.Tensor, grad_factor: torch.Tensor) -> torch
 def _closed_form_cholesky_backward(factor: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
     """The closed form of :func:`_cholesky_backward`."""
     phi = _lower_of_transposed_product(factor, grad_factor)
-    phi.diagonal(dim1=-2, dim2=-1).mul_(0.5)
-    symmetric = _mirror_lower_triangle(phi)  # Phi + Phi^T
-    # A symmetric matrix is its own transpose: handing the solver the transposed (column-
-    # major) view and solving from the right saves LAPACK's layout copies.
-    half = _solve_in_place(factor.mT, symmetric.mT, upper=True)
-    return _solve_in_place(factor, half, upper=False, left=False).mul_(0.5)
+    return _symmetric_sandwich(factor, phi).mul_(0.5)
 
 
 def _solve_in_place(
@@ -254,34 +249,60 @@ _SELECT_MATRICES = 64
 _GATHER_ELEMENTS = 2**18
 
 
-def _permute_into(out: torch.Tensor, source: torch.Tensor, perm: torch.Tensor, symmetric: bool):
+def _permute_into(
+    out: torch.Tensor,
+    source: torch.Tensor,
+    perm: torch.Tensor,
+    symmetric: bool,
+    flat: Optional[torch.Tensor] = None,
+):
     """``out = source[perm][:, perm]`` for one ``(D, D)`` matrix, by flat-index gathers.
 
     Each output row reads one source row, so a chunk of rows is one
     :func:`torch.index_select` of the flattened matrix with a small index: a single pass
     over memory, where a row selection followed by a column selection (a strided gather)
     makes two and a transpose. With ``symmetric`` (symmetric up to rounding) a transposed
-    layout is read as it lies, saving a copy.
+    layout is read as it lies, saving a copy. ``flat``: the whole index
+    (:func:`_flat_indices`), when the caller has it.
     """
     size = source.shape[-1]
     if not source.is_contiguous():
         source = source.mT if symmetric and source.mT.is_contiguous() else source.contiguous()
-    flat = source.view(-1)
+    if flat is not None:
+        torch.index_select(source.view(-1), 0, flat, out=out.view(-1))
+        return
     index = perm.to(torch.int32) if size * size < 2**31 else perm
     rows = max(1, _GATHER_ELEMENTS // size)
     for start in range(0, size, rows):
         stop = min(size, start + rows)
         chunk = (index[start:stop, None] * size + index).view(-1)
-        torch.index_select(flat, 0, chunk, out=out[start:stop].view(-1))
+        torch.index_select(source.view(-1), 0, chunk, out=out[start:stop].view(-1))
+
+
+def _flat_indices(perms: torch.Tensor) -> Optional[torch.Tensor]:
+    """The flat gather index of every permutation in ``perms`` ``(P, S, D)``, shape
+    ``(P, S, D * D)``, for permutations applied more than once (forward and backward); ``None``
+    beyond :data:`_GATHER_ELEMENTS` entries a matrix, where :func:`_permute_into` builds it by
+    chunks instead."""
+    size = perms.shape[-1]
+    if size * size > _GATHER_ELEMENTS or perms.shape[0] * perms.shape[1] > _SELECT_MATRICES:
+        return None
+    index = perms.to(torch.int32)
+    return (index[..., :, None] * size + index[..., None, :]).flatten(-2)
 
 
 def _gather_symmetric(
-    matrix: torch.Tensor, perms: torch.Tensor, reduce: bool = False, symmetric: bool = False
+    matrix: torch.Tensor,
+    perms: torch.Tensor,
+    reduce: bool = False,
+    symmetric: bool = False,
+    flat: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``out[b, s] = matrix[b, (s)][perm[b, s]][:, perm[b, s]]``; ``matrix`` is ``(B, D, D)`` or
     ``(B, S, D, D)``; ``perms`` is ``(S, D)``, ``(1, S, D)`` or ``(B, S, D)``. With ``reduce``
     the result is summed over ``s``, shape ``(B, D, D)``. ``symmetric``: the matrices are
-    symmetric up to rounding (see :func:`_permute_into`)."""
+    symmetric up to rounding (see :func:`_permute_into`). ``flat``: :func:`_flat_indices` of
+    ``perms``, when the caller has them."""
     if perms.dim() == 2:
         perms = perms[None]
     batch, size = matrix.shape[0], matrix.shape[-1]
@@ -291,9 +312,10 @@ def _gather_symmetric(
         out = matrix.new_empty(full)
         for b in range(batch):
             for s in range(num_perms):
-                perm = perms[b if perms.shape[0] > 1 else 0, s]
+                group = b if perms.shape[0] > 1 else 0
                 source = matrix[b, s] if matrix.dim() == 4 else matrix[b]
-                _permute_into(out[b, s], source, perm, symmetric)
+                index = None if flat is None else flat[group, s]
+                _permute_into(out[b, s], source, perms[group, s], symmetric, index)
         return out.sum(1) if reduce and num_perms > 1 else out[:, 0] if reduce else out
     if matrix.dim() == 3 and perms.shape[0] == 1:
         rows = matrix.index_select(-2, perms.reshape(-1)).view(full)
@@ -303,28 +325,6 @@ def _gather_symmetric(
         rows = torch.gather(matrix, 2, perms[:, :, :, None].expand(full))
     out = torch.gather(rows, 3, perms[:, :, None, :].expand(full))
     return out.sum(1) if reduce else out
-
-
-class _UnpermuteSymmetric(torch.autograd.Function):
-    """``out[b] = mean_s B[b, s][inv[b, s]][:, inv[b, s]]``, the inverse of
-    :func:`_gather_symmetric`; ``symmetric`` as there (for the matrices and the gradient)."""
-
-    @staticmethod
-    def forward(
-        ctx, matrices: torch.Tensor, perms: torch.Tensor, symmetric: bool = False
-    ) -> torch.Tensor:
-        ctx.save_for_backward(perms)
-        ctx.symmetric = symmetric
-        inverse = torch.argsort(perms, dim=-1)
-        total = _gather_symmetric(matrices, inverse, reduce=True, symmetric=symmetric)
-        return total if perms.shape[-2] == 1 else total / perms.shape[-2]
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (perms,) = ctx.saved_tensors
-        num_perms = perms.shape[-2]
-        grad = _gather_symmetric(grad_out, perms, symmetric=ctx.symmetric)
-        return grad if num_perms == 1 else grad / num_perms, None, None
 
 
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -503,106 +503,188 @@ def _symmetric_quadratic_forms(residuals: torch.Tensor, matrix: torch.Tensor) ->
     return out
 
 
-def _lower_times_upper_lower_part(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """:math:`\\operatorname{tril}(A U)` for lower-triangular ``A`` and upper-triangular ``U``.
+def _lower_times_upper_part(lower: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """:math:`\\operatorname{tril}(A \\operatorname{triu}(B))` for lower-triangular ``A``;
+    shapes ``(batch, D, D)``, only the upper triangle of ``B`` is read.
 
-    Column block :math:`I` needs rows :math:`j \\ge \\min I` of :math:`A` and its columns up to
-    :math:`\\max I` (:math:`U_{i'i} = 0` for :math:`i' > i`): about :math:`D^3/3`
-    multiply-adds.
+    Column block :math:`J` needs rows :math:`j \\ge \\min J` of :math:`A` and its columns up to
+    :math:`\\max J`; only the diagonal block of :math:`B` is masked (a copy of one block, not of
+    the matrix): about :math:`D^3/3` multiply-adds.
     """
     size = lower.shape[-1]
     out = torch.empty_like(lower)
     for start in range(0, size, _PRODUCT_ROWS):
         stop = min(size, start + _PRODUCT_ROWS)
-        columns = out[..., start:, start:stop]
-        torch.matmul(lower[..., start:, :stop], upper[..., :stop, start:stop], out=columns)
-        out[..., :start, start:stop] = 0.0
-        columns[..., : stop - start, :].tril_()
+        columns = out[:, start:, start:stop]
+        torch.matmul(
+            lower[:, start:, start:stop], other[:, start:stop, start:stop].triu(), out=columns
+        )
+        if start > 0:
+            columns.baddbmm_(lower[:, start:, :start], other[:, :start, start:stop])
+        out[:, :start, start:stop] = 0.0
+        columns[:, : stop - start].tril_()
     return out
 
 
-def _lower_times_strictly_lower(lower: torch.Tensor, strict: torch.Tensor) -> torch.Tensor:
-    """:math:`A S` for lower-triangular ``A`` and strictly lower-triangular ``S``, by column
-    blocks that skip the zero blocks (about :math:`D^3/3` multiply-adds); strictly lower."""
+def _lower_times_strictly_lower_part(lower: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """:math:`A \\operatorname{tril}_{-1}(B)` for lower-triangular ``A``; shapes
+    ``(batch, D, D)``, only the strictly lower triangle of ``B`` is read. By column blocks that
+    skip the zero blocks (about :math:`D^3/3` multiply-adds), masking only the diagonal blocks
+    of :math:`B`; the result is strictly lower triangular."""
     size = lower.shape[-1]
     out = torch.empty_like(lower)
     for start in range(0, size, _PRODUCT_ROWS):
         stop = min(size, start + _PRODUCT_ROWS)
-        torch.matmul(
-            lower[..., start:, start:],
-            strict[..., start:, start:stop],
-            out=out[..., start:, start:stop],
-        )
-        out[..., :start, start:stop] = 0.0
+        columns = out[:, start:, start:stop]
+        strict = other[:, start:stop, start:stop].tril(-1)
+        torch.matmul(lower[:, start:, start:stop], strict, out=columns)
+        if stop < size:
+            columns[:, stop - start :].baddbmm_(lower[:, stop:, stop:], other[:, stop:, start:stop])
+        out[:, :start, start:stop] = 0.0
     return out
 
 
-class _QuadraticFormParts(torch.autograd.Function):
-    """The constant :math:`a` and the matrix :math:`L^{-\\top} M L^{-1}` of the quadratic form.
+def _lower_of_transposed_product_minus(
+    lower: torch.Tensor, other: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+) -> torch.Tensor:
+    """:math:`\\operatorname{tril}(A^\\top B - C E)` for lower-triangular ``A`` and ``B``;
+    shapes ``(batch, D, D)``. Row block :math:`I` of the result needs columns up to
+    :math:`\\max I` only: :math:`D^3/2` multiply-adds for :math:`C E` and :math:`D^3/6` for
+    :math:`A^\\top B` (see :func:`_lower_of_transposed_product`)."""
+    size = lower.shape[-1]
+    out = torch.empty_like(other)
+    for start in range(0, size, _PRODUCT_ROWS):
+        stop = min(size, start + _PRODUCT_ROWS)
+        rows = out[:, start:stop, :stop]
+        torch.matmul(left[:, start:stop], right[:, :, :stop], out=rows)
+        rows.baddbmm_(lower[:, start:, start:stop].mT, other[:, start:, :stop], beta=-1.0)
+        out[:, start:stop, stop:] = 0.0
+        rows[:, :, start:].tril_()
+    return out
 
-    ``factor`` :math:`L` has shape ``(..., D, D)`` (lower triangular, zero above the diagonal)
-    and ``weights`` :math:`c` shape ``(D,)``; returns shapes ``(...)`` and ``(..., D, D)``.
-    With :math:`s_{jk} = c_k / v_{jk}` and :math:`\\Omega_{jt} = \\sum_{k \\le t} s_{jk}`,
-    :math:`M` is the lower triangle of :math:`L^\\top (\\Omega \\circ L)`, mirrored.
 
-    The backward is written out. For an incoming symmetric :math:`\\bar B` (the gradient of a
-    symmetric matrix, as the quadratic forms send it: the caller symmetrises any other) and
-    :math:`W = L^{-1} \\bar B L^{-\\top}`, with :math:`Q = L\\, \\operatorname{tril}_{-1}(W)`:
+def _symmetric_sandwich(factor: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """:math:`L^{-\\top} (\\Phi + \\Phi^\\top) L^{-1}`, :math:`\\Phi` the lower triangle of
+    ``lower`` with its diagonal halved, computed over ``lower`` (a temporary of the caller)."""
+    lower.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+    symmetric = _mirror_lower_triangle(lower)  # Phi + Phi^T
+    # A symmetric matrix is its own transpose: handing the solver the transposed (column-
+    # major) view and solving from the right saves LAPACK's layout copies.
+    half = _solve_in_place(factor.mT, symmetric.mT, upper=True)
+    return _solve_in_place(factor, half, upper=False, left=False)
+
+
+class _PermutedQuadraticParts(torch.autograd.Function):
+    """The constant :math:`a` and the matrix :math:`B` of the quadratic form, from the
+    covariance.
+
+    ``covariance`` :math:`\\Sigma` has shape ``(B, D, D)``, ``perms`` shape ``(1, S, D)``
+    (shared) or ``(B, S, D)`` and ``weights`` :math:`c` shape ``(D,)``. For each permutation,
+    :math:`L L^\\top = P \\Sigma P^\\top`, :math:`s_{jk} = c_k / v_{jk}`,
+    :math:`\\Omega_{jt} = \\sum_{k \\le t} s_{jk}` and :math:`M` the lower triangle of
+    :math:`L^\\top (\\Omega \\circ L)`, mirrored. Returns the constants, shape ``(B, S)``, and
+    :math:`B = \\operatorname{mean}_s P_s^\\top L_s^{-\\top} M_s L_s^{-1} P_s`, shape
+    ``(B, D, D)``.
+
+    One function from the covariance to the parts, so that the backward passes of the
+    factorization and of the parts share their products. For an incoming symmetric
+    :math:`\\bar B` (the gradient of a symmetric matrix, as the quadratic forms send it) and,
+    in each permutation's coordinates, :math:`W = L^{-1} \\bar B L^{-\\top}` and
+    :math:`Q = L \\operatorname{tril}_{-1}(W)`, the factor's gradient is
 
     .. math::
 
-        \\bar L = -2 L^{-\\top} M W + 2 \\operatorname{tril}\\big((\\Omega \\circ L)
-        \\operatorname{triu}(W)\\big) + 2\\, \\Omega \\circ Q
-        + 2 L \\circ \\operatorname{cumsum}_k(\\bar v),
+        \\bar L = -2 L^{-\\top} M W + 2 R, \\quad
+        R = \\operatorname{tril}\\big((\\Omega \\circ L) \\operatorname{triu}(W)\\big)
+        + \\Omega \\circ Q + L \\circ \\operatorname{cumsum}_k(\\bar v),
 
     where :math:`\\bar\\Omega = L \\circ (L \\operatorname{diag}(W) + 2 Q)`,
     :math:`\\bar s_{jk} = \\sum_{t \\ge k} \\bar\\Omega_{jt}` and
-    :math:`\\bar v = -(s / v) \\circ \\bar s - \\tfrac12 \\bar a\\, s`. Only the lower
-    triangle of :math:`\\bar L` is meaningful. Its products skip the zero blocks of the
-    triangular factors, so a step costs about eleven :math:`D^3` multiply-adds where autograd
-    through the same formulas costs about eighteen, and a handful of elementwise passes
-    instead of several dozen.
+    :math:`\\bar v = -(s / v) \\circ \\bar s - \\tfrac12 \\bar a\\, s`. The factorization's
+    backward (Murray 2016) reads :math:`\\operatorname{tril}(L^\\top \\bar L)`, and
+    :math:`L^\\top L^{-\\top} = I` makes that
+    :math:`2 \\operatorname{tril}(L^\\top R) - 2 \\operatorname{tril}(M W)`: the lower triangle
+    of one product instead of a full product, a triangular solve and a second product. Then
+    :math:`\\bar\\Sigma = P^\\top L^{-\\top} (\\Phi + \\Phi^\\top) L^{-1} P` with :math:`\\Phi`
+    that lower triangle halved on its diagonal. From :data:`_BLOCKED_BACKWARD_SIZE` on, where
+    the blocked factorization backward is faster, :math:`\\bar L` is formed and handed to
+    :func:`_cholesky_backward`. A step costs about :math:`4.5 D^3` multiply-adds, in a few
+    dozen matrix products and elementwise passes.
     """
 
     @staticmethod
-    def forward(ctx, factor: torch.Tensor, weights: torch.Tensor):
-        size = factor.shape[-1]
-        above = torch.ones(size, size, dtype=torch.bool, device=factor.device).triu_(1)
-        # v_jk = sum_{i >= k} L_ji^2 below the diagonal, 1 above (where L is zero).
-        variance = factor.flip(-1).square_().cumsum_(-1).flip(-1).masked_fill_(above, 1.0)
+    def forward(ctx, covariance: torch.Tensor, perms: torch.Tensor, weights: torch.Tensor):
+        inverse_perms = torch.argsort(perms, dim=-1)
+        flat, inverse_flat = _flat_indices(perms), _flat_indices(inverse_perms)
+        permuted = _gather_symmetric(covariance, perms, symmetric=True, flat=flat)
+        factor = cholesky(permuted, what=_COVARIANCE)  # (B, S, D, D)
+        batch, num_perms, size, _ = factor.shape
+        lower = factor.view(-1, size, size)
+        above = lower.new_ones(size, size).triu_(1)
+        # v_jk = sum_{i >= k} L_ji^2 below the diagonal (zero above it), made 1 above.
+        variance = lower.flip(-1).square_().cumsum_(-1).flip(-1).add_(above)
         inverse = variance.reciprocal()
         counts = torch.arange(size, 0, -1, device=weights.device, dtype=weights.dtype)
         constant = -0.5 * (variance.log_() @ weights).sum(-1) - 0.5 * LOG_2PI * (weights @ counts)
-        scaled = (inverse * weights).masked_fill_(above, 0.0)  # s_jk = c_k / v_jk, 0 above
+        scaled = inverse * (1.0 - above).mul_(weights)  # s_jk = c_k / v_jk, 0 above
         omega = scaled.cumsum(-1)
-        weighted = omega * factor  # Omega o L, lower triangular
-        products = _lower_of_transposed_product(factor, weighted)
+        weighted = omega * lower  # Omega o L, lower triangular
+        products = _lower_of_transposed_product(lower, weighted)
         products.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         matrix = _mirror_lower_triangle(products)  # M
-        half = _solve_in_place(factor.mT, matrix.mT, upper=True)  # L^-T M
-        precision_like = _solve_in_place(factor, half, upper=False, left=False)
-        ctx.save_for_backward(factor, inverse, scaled, omega, weighted, precision_like)
-        return constant, precision_like
+        merged = size < _BLOCKED_BACKWARD_SIZE
+        kept = matrix.clone() if merged else None
+        half = _solve_in_place(lower.mT, matrix.mT, upper=True)  # L^-T M
+        precision_like = _solve_in_place(lower, half, upper=False, left=False)
+        ctx.save_for_backward(perms)
+        # Intermediates (not inputs or outputs) are kept on ctx.
+        ctx.parts = lower, inverse, scaled, omega, weighted, kept if merged else precision_like
+        ctx.indices = inverse_perms, flat, inverse_flat
+        ctx.merged = merged
+        total = _gather_symmetric(
+            precision_like.view(batch, num_perms, size, size),
+            inverse_perms,
+            reduce=True,
+            symmetric=True,
+            flat=inverse_flat,
+        )
+        return constant.view(batch, num_perms), total / num_perms if num_perms > 1 else total
 
     @staticmethod
     def backward(ctx, grad_constant: torch.Tensor, grad_matrix: torch.Tensor):
-        factor, inverse, scaled, omega, weighted, precision_like = ctx.saved_tensors
-        half = torch.linalg.solve_triangular(factor, grad_matrix, upper=False)  # L^-1 Bbar
-        inner = torch.linalg.solve_triangular(factor, half.mT, upper=False)  # W
-        # Through the two solves: -2 L^-T M W = -2 (L^-T M L^-1) (L W), and L W = (L^-1 Bbar)^T.
-        grad = torch.matmul(precision_like, half.mT).mul_(-2.0)
-        # Through M's explicit L and its Omega.
-        grad.add_(_lower_times_upper_lower_part(weighted, inner.triu()), alpha=2.0)
-        crossed = _lower_times_strictly_lower(factor, inner.tril(-1))  # Q
-        grad.addcmul_(omega, crossed, value=2.0)
-        diagonal = inner.diagonal(dim1=-2, dim2=-1)[..., None, :]
-        grad_omega = crossed.mul_(2.0).addcmul_(factor, diagonal).mul_(factor)
-        grad_scaled = _reverse_cumsum(grad_omega)
-        # -(s / v) o sbar - abar s / 2, then 2 L o (prefix sums over k)
-        grad_variance = grad_scaled.mul_(inverse).add_(0.5 * grad_constant[..., None, None])
-        grad_variance.mul_(scaled).cumsum_(-1)
-        grad.addcmul_(factor, grad_variance, value=-2.0)
-        return grad, None
+        (perms,) = ctx.saved_tensors
+        lower, inverse, scaled, omega, weighted, kept = ctx.parts
+        inverse_perms, flat, inverse_flat = ctx.indices
+        batch, num_perms, size = grad_constant.shape + lower.shape[-1:]
+        if num_perms > 1:
+            grad_matrix = grad_matrix / num_perms
+        inner = _gather_symmetric(grad_matrix, perms, symmetric=True, flat=flat)
+        inner = inner.view(-1, size, size)
+        # W = L^-1 Bbar L^-T in place: two solves from the right in LAPACK's cheapest layouts.
+        _solve_in_place(lower.mT, inner.mT, upper=True, left=False)  # L^-1 Bbar
+        half = None if ctx.merged else inner.clone()
+        _solve_in_place(lower.mT, inner, upper=True, left=False)  # W
+        crossed = _lower_times_strictly_lower_part(lower, inner)  # Q
+        rest = _lower_times_upper_part(weighted, inner).addcmul_(omega, crossed)
+        # Omegabar / 2, its suffix sums sbar / 2, then 2 (sbar / 2) / v + abar / 2, times s.
+        diagonal = inner.diagonal(dim1=-2, dim2=-1)[:, None, :]
+        half_grad_omega = crossed.addcmul_(lower, diagonal, value=0.5).mul_(lower)
+        grad_scaled = _reverse_cumsum(half_grad_omega)
+        grad_variance = torch.addcmul(
+            0.5 * grad_constant.reshape(-1, 1, 1), grad_scaled, inverse, value=2.0
+        )
+        rest.addcmul_(lower, grad_variance.mul_(scaled).cumsum_(-1), value=-1.0)  # R
+        if ctx.merged:
+            # tril(L^T R - M W), then the factorization's closed-form backward.
+            phi = _lower_of_transposed_product_minus(lower, rest, kept, inner)
+            grad = _symmetric_sandwich(lower, phi)
+        else:
+            # Lbar / 2 = R - L^-T M W = R - B (L^-1 Bbar)^T, then the blocked backward.
+            rest.baddbmm_(kept, half.mT, alpha=-1.0)
+            grad = _cholesky_backward(lower, rest).mul_(2.0)
+        grad = grad.view(batch, num_perms, size, size)
+        total = _gather_symmetric(grad, inverse_perms, True, symmetric=True, flat=inverse_flat)
+        return total, None, None
 
 
 def random_permutations(
@@ -648,13 +730,11 @@ def _permuted_scores(
     if perms.dim() == 2:
         perms = perms[None]
     num_perms = perms.shape[1]
-    factor = _PermutedCholesky.apply(covariance, perms)  # (B, S, D, D)
     if num_vectors >= max(2, size // _QUADRATIC_FORM_SIZE_PER_VECTOR):
-        constant, precision_like = _QuadraticFormParts.apply(factor, weights)
-        # Symmetric: B' by construction, its gradient as the quadratic forms send it.
-        matrix = _UnpermuteSymmetric.apply(precision_like, perms, True)  # (B, D, D)
+        constant, matrix = _PermutedQuadraticParts.apply(covariance, perms, weights)
         quadratic = _QuadraticForms.apply(matrix, residuals, scatter)
         return constant.mean(1)[:, None] - 0.5 * quadratic
+    factor = _PermutedCholesky.apply(covariance, perms)  # (B, S, D, D)
     if perms.shape[0] == 1:
         permuted = residuals.index_select(-1, perms.reshape(-1))
         permuted = permuted.view(batch, num_vectors, num_perms, size).transpose(1, 2)

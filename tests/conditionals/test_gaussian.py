@@ -85,25 +85,50 @@ def _quadratic_form_by_autograd(factor, weights):
     return constant, inverse.mT @ matrix @ inverse
 
 
+def _permuted_parts_by_autograd(covariance, perms, weights):
+    """The quadratic form's parts of every permutation, by torch's Cholesky and autograd."""
+    constants, matrices = [], []
+    for group in range(covariance.shape[0]):
+        group_perms = perms[group if perms.shape[0] > 1 else 0]
+        for perm in group_perms:
+            inverse = torch.argsort(perm)
+            factor = torch.linalg.cholesky(covariance[group][perm][:, perm])
+            constant, matrix = _quadratic_form_by_autograd(factor, weights)
+            constants.append(constant)
+            matrices.append(matrix[inverse][:, inverse] / len(group_perms))
+    num_perms = perms.shape[1]
+    matrices = torch.stack(matrices).view(-1, num_perms, *covariance.shape[-2:]).sum(1)
+    return torch.stack(constants).view(-1, num_perms), matrices
+
+
 @pytest.mark.parametrize("tile", [2, 3, 128])
-def test_quadratic_form_parts_match_autograd_and_gradcheck(monkeypatch, tile):
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("num_perms, shared", [(1, True), (3, True), (2, False)])
+def test_permuted_quadratic_parts_match_autograd_and_gradcheck(
+    monkeypatch, tile, blocked, num_perms, shared
+):
     monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)
+    # blocked: the factor's gradient is formed and handed to the blocked Cholesky backward;
+    # otherwise the two backward passes are merged.
+    monkeypatch.setattr(gaussian, "_BLOCKED_BACKWARD_SIZE", 2 if blocked else 10**9)
+    monkeypatch.setattr(gaussian, "_CHOLESKY_BLOCK", 3)
     size = 7
     root = torch.randn(2, size, size, requires_grad=True)
     weights = _context_weights(size)
+    perms = gaussian.random_permutations(num_perms, size, num_groups=1 if shared else 2)
     # The matrix is symmetric and so is the gradient it receives (the quadratic forms').
     asymmetric = torch.randn(2, size, size)
-    cotangents = torch.randn(2), asymmetric + asymmetric.mT
+    cotangents = torch.randn(2, num_perms), asymmetric + asymmetric.mT
 
-    def factor(root):
-        return torch.linalg.cholesky(root @ root.mT + torch.eye(size))
+    def covariance(root):
+        return root @ root.mT + torch.eye(size)
 
     def symmetrised_parts(root):
-        constant, matrix = gaussian._QuadraticFormParts.apply(factor(root), weights)
+        constant, matrix = gaussian._PermutedQuadraticParts.apply(covariance(root), perms, weights)
         return constant, (matrix + matrix.mT) / 2
 
-    fast = gaussian._QuadraticFormParts.apply(factor(root), weights)
-    reference = _quadratic_form_by_autograd(factor(root), weights)
+    fast = gaussian._PermutedQuadraticParts.apply(covariance(root), perms, weights)
+    reference = _permuted_parts_by_autograd(covariance(root), perms, weights)
     for part, expected in zip(fast, reference):
         assert torch.allclose(part, expected, atol=1e-10)
     fast_grad = torch.autograd.grad(sum((p * c).sum() for p, c in zip(fast, cotangents)), root)
@@ -135,15 +160,20 @@ def test_quadratic_forms_from_the_upper_triangle_equal_the_plain_ones(monkeypatc
 def test_blocked_triangular_products_equal_the_plain_products(monkeypatch, tile):
     monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)
     lower, other = torch.randn(2, 7, 7).tril(), torch.randn(2, 7, 7)
+    left, right = torch.randn(2, 7, 7), torch.randn(2, 7, 7)
     assert torch.allclose(
         gaussian._lower_of_transposed_product(lower, other), (lower.mT @ other).tril()
     )
+    # Only the part of ``other`` the product names may be read: the rest is not zero here.
     assert torch.allclose(
-        gaussian._lower_times_upper_lower_part(lower, other.triu()),
-        (lower @ other.triu()).tril(),
+        gaussian._lower_times_upper_part(lower, other), (lower @ other.triu()).tril()
     )
     assert torch.allclose(
-        gaussian._lower_times_strictly_lower(lower, other.tril(-1)), lower @ other.tril(-1)
+        gaussian._lower_times_strictly_lower_part(lower, other), lower @ other.tril(-1)
+    )
+    assert torch.allclose(
+        gaussian._lower_of_transposed_product_minus(lower, other.tril(), left, right),
+        (lower.mT @ other.tril() - left @ right).tril(),
     )
 
 
@@ -197,28 +227,32 @@ def test_tiled_mirror_equals_the_plain_one(monkeypatch, tile):
 
 
 @pytest.mark.parametrize("select", [True, False])
-def test_unpermute_gradcheck(monkeypatch, select):
-    monkeypatch.setattr(gaussian, "_SELECT_MATRICES", 64 if select else 0)
-    size = 4
-    perms = gaussian.random_permutations(3, size)
-    stacked = torch.randn(2, 3, size, size, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda m: gaussian._UnpermuteSymmetric.apply(m, perms), (stacked,)
-    )
-
-
-@pytest.mark.parametrize("select", [True, False])
-def test_unpermute_inverts_permute(monkeypatch, select):
+@pytest.mark.parametrize("flat", [True, False])
+def test_gathers_by_the_inverse_permutations_undo_the_permutations(monkeypatch, select, flat):
     monkeypatch.setattr(gaussian, "_SELECT_MATRICES", 64 if select else 0)
     matrix = torch.randn(1, 6, 6)
-    perms = gaussian.random_permutations(4, 6)
-    permuted = gaussian._gather_symmetric(matrix, perms)
-    assert torch.equal(permuted[0, 1], matrix[0][perms[1]][:, perms[1]])
-    assert torch.equal(gaussian._UnpermuteSymmetric.apply(permuted, perms), matrix)
+    perms = gaussian.random_permutations(4, 6)[None]
+    inverse = torch.argsort(perms, dim=-1)
+    indices = (
+        (gaussian._flat_indices(perms), gaussian._flat_indices(inverse)) if flat else (None,) * 2
+    )
+    # The whole index is built only for gathers one matrix at a time.
+    assert (indices[0] is None) == (not (flat and select))
+    permuted = gaussian._gather_symmetric(matrix, perms, flat=indices[0])
+    for s, perm in enumerate(perms[0]):
+        assert torch.equal(permuted[0, s], matrix[0][perm][:, perm])
+    total = gaussian._gather_symmetric(permuted, inverse, reduce=True, flat=indices[1])
+    assert torch.equal(total, 4 * matrix)
     symmetric = matrix + matrix.mT
-    fast = gaussian._gather_symmetric(symmetric, perms, symmetric=True)
+    fast = gaussian._gather_symmetric(symmetric, perms, symmetric=True, flat=indices[0])
     assert torch.equal(fast, gaussian._gather_symmetric(symmetric, perms))
-    assert torch.equal(gaussian._UnpermuteSymmetric.apply(fast, perms, True), symmetric)
+
+
+def test_flat_indices_are_left_to_the_chunks_for_large_matrices(monkeypatch):
+    perms = gaussian.random_permutations(2, 6)[None]
+    assert gaussian._flat_indices(perms).shape == (1, 2, 36)
+    monkeypatch.setattr(gaussian, "_GATHER_ELEMENTS", 35)
+    assert gaussian._flat_indices(perms) is None
 
 
 @pytest.mark.parametrize("elements", [1, 7, 20, 2**18])

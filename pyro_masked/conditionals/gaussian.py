@@ -574,6 +574,93 @@ def _symmetric_sandwich(factor: torch.Tensor, lower: torch.Tensor) -> torch.Tens
     return _solve_in_place(factor, half, upper=False, left=False)
 
 
+#: Rows of the factor per block of the quadratic form's elementwise passes: about this many
+#: numbers a block, so that the dozen passes made over each block stay in a core's cache.
+_PART_ELEMENTS = 2**15
+
+
+def _part_blocks(size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the row blocks of :func:`_weighted_factor` and its backward."""
+    # Matrices of up to two blocks' worth stay in cache whole: one block, without slicing.
+    rows = size if size * size <= 2 * _PART_ELEMENTS else max(1, _PART_ELEMENTS // size)
+    return [(start, min(size, start + rows)) for start in range(0, size, rows)]
+
+
+def _weighted_factor(lower: torch.Tensor, weights: torch.Tensor):
+    """The elementwise part of the quadratic form's forward pass, by row blocks.
+
+    For ``lower`` :math:`L` ``(batch, D, D)`` and context weights :math:`c`: the variances
+    :math:`v_{jk} = \\sum_{i \\ge k} L_{ji}^2`, :math:`s_{jk} = c_k / v_{jk}`,
+    :math:`\\Omega_{jt} = \\sum_{k \\le t} s_{jk}` and :math:`\\Omega \\circ L`, for
+    :math:`k \\le j`. Row :math:`j` needs columns up to :math:`j` only, so a block of rows
+    reads about half of its full width, and its passes stay in cache.
+
+    Returns :math:`\\sum_{k \\le j} c_k \\log v_{jk}` per matrix, :math:`\\Omega \\circ L`
+    (zero above the diagonal) and, for the backward pass, :math:`1/v`, :math:`s` and
+    :math:`\\Omega` of every block of :func:`_part_blocks` (block ``(start, stop)`` holds rows
+    ``start:stop`` and columns ``:stop``; :math:`s` is zero above the diagonal).
+    """
+    size = lower.shape[-1]
+    blocks = _part_blocks(size)
+    rows = blocks[0][1]
+    # Entries of a block's diagonal square above the diagonal: v is zero there, made 1.
+    above = lower.new_ones(rows, rows).triu_(1)
+    below = 1.0 - above
+    if len(blocks) == 1:  # one block: whole matrices, no slicing (small D is overhead-bound)
+        variance = lower.flip(-1).square_().cumsum_(-1).flip(-1).add_(above)
+        inverse = variance.reciprocal()
+        scaled = inverse * weights
+        omega = scaled.mul_(below).cumsum(-1)
+        log_total = (variance.log_() @ weights).sum(-1)
+        return log_total, omega * lower, [(inverse, scaled, omega)]
+    weighted = torch.zeros_like(lower)
+    saved, log_totals = [], []
+    for start, stop in blocks:
+        width = stop - start
+        # v_jk = sum_{i >= k} L_ji^2: suffix sums, as prefix sums of the reversed row.
+        variance = lower[:, start:stop, :stop].flip(-1).square_().cumsum_(-1).flip(-1)
+        variance[:, :, start:].add_(above[:width, :width])
+        inverse = variance.reciprocal()
+        log_totals.append((variance.log_() @ weights[:stop]).sum(-1))
+        scaled = inverse * weights[:stop]
+        scaled[:, :, start:].mul_(below[:width, :width])
+        omega = scaled.cumsum(-1)
+        torch.mul(omega, lower[:, start:stop, :stop], out=weighted[:, start:stop, :stop])
+        saved.append((inverse, scaled, omega))
+    return torch.stack(log_totals).sum(0), weighted, saved
+
+
+def _add_weighted_factor_backward(
+    rest: torch.Tensor,
+    crossed: torch.Tensor,
+    diagonal: torch.Tensor,
+    grad_constant: torch.Tensor,
+    lower: torch.Tensor,
+    saved: list,
+) -> torch.Tensor:
+    """Adds the elementwise part of the quadratic form's backward pass to ``rest``, by the row
+    blocks of :func:`_weighted_factor` (``saved``, its blocks of :math:`1/v`, :math:`s` and
+    :math:`\\Omega`): :math:`\\Omega \\circ Q - L \\circ \\operatorname{cumsum}_k\\big((2 \\bar
+    s' / v + \\bar a / 2) \\circ s\\big)` with :math:`\\bar s' = \\sum_{t \\ge k} L \\circ (Q + L
+    \\operatorname{diag}(W) / 2)`, half of :math:`\\bar s`. ``crossed`` :math:`Q` is
+    overwritten; ``diagonal`` is :math:`\\operatorname{diag}(W)` as a row, shape
+    ``(batch, 1, D)``, ``grad_constant`` :math:`\\bar a / 2` shape ``(batch, 1, 1)``."""
+    size = lower.shape[-1]
+    for (start, stop), (inverse, scaled, omega) in zip(_part_blocks(size), saved):
+        if stop - start == size:
+            block_lower, block_crossed, block_rest = lower, crossed, rest
+        else:
+            block = (slice(None), slice(start, stop), slice(None, stop))
+            block_lower, block_crossed, block_rest = lower[block], crossed[block], rest[block]
+        block_rest.addcmul_(omega, block_crossed)
+        grad_omega = block_crossed.addcmul_(block_lower, diagonal[..., :stop], value=0.5)
+        grad_omega.mul_(block_lower)
+        grad_scaled = grad_omega.flip(-1).cumsum_(-1).flip(-1)
+        grad_variance = torch.addcmul(grad_constant, grad_scaled, inverse, value=2.0)
+        block_rest.addcmul_(block_lower, grad_variance.mul_(scaled).cumsum_(-1), value=-1.0)
+    return rest
+
+
 class _PermutedQuadraticParts(torch.autograd.Function):
     """The constant :math:`a` and the matrix :math:`B` of the quadratic form, from the
     covariance.
@@ -620,15 +707,9 @@ class _PermutedQuadraticParts(torch.autograd.Function):
         factor = cholesky(permuted, what=_COVARIANCE)  # (B, S, D, D)
         batch, num_perms, size, _ = factor.shape
         lower = factor.view(-1, size, size)
-        above = lower.new_ones(size, size).triu_(1)
-        # v_jk = sum_{i >= k} L_ji^2 below the diagonal (zero above it), made 1 above.
-        variance = lower.flip(-1).square_().cumsum_(-1).flip(-1).add_(above)
-        inverse = variance.reciprocal()
+        log_total, weighted, saved = _weighted_factor(lower, weights)
         counts = torch.arange(size, 0, -1, device=weights.device, dtype=weights.dtype)
-        constant = -0.5 * (variance.log_() @ weights).sum(-1) - 0.5 * LOG_2PI * (weights @ counts)
-        scaled = inverse * (1.0 - above).mul_(weights)  # s_jk = c_k / v_jk, 0 above
-        omega = scaled.cumsum(-1)
-        weighted = omega * lower  # Omega o L, lower triangular
+        constant = -0.5 * log_total - 0.5 * LOG_2PI * (weights @ counts)
         products = _lower_of_transposed_product(lower, weighted)
         products.diagonal(dim1=-2, dim2=-1).mul_(0.5)
         matrix = _mirror_lower_triangle(products)  # M
@@ -638,7 +719,7 @@ class _PermutedQuadraticParts(torch.autograd.Function):
         precision_like = _solve_in_place(lower, half, upper=False, left=False)
         ctx.save_for_backward(perms)
         # Intermediates (not inputs or outputs) are kept on ctx.
-        ctx.parts = lower, inverse, scaled, omega, weighted, kept if merged else precision_like
+        ctx.parts = lower, weighted, saved, kept if merged else precision_like
         ctx.indices = inverse_perms, flat, inverse_flat
         ctx.merged = merged
         total = _gather_symmetric(
@@ -653,7 +734,7 @@ class _PermutedQuadraticParts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_constant: torch.Tensor, grad_matrix: torch.Tensor):
         (perms,) = ctx.saved_tensors
-        lower, inverse, scaled, omega, weighted, kept = ctx.parts
+        lower, weighted, saved, kept = ctx.parts
         inverse_perms, flat, inverse_flat = ctx.indices
         batch, num_perms, size = grad_constant.shape + lower.shape[-1:]
         if num_perms > 1:
@@ -665,15 +746,14 @@ class _PermutedQuadraticParts(torch.autograd.Function):
         half = None if ctx.merged else inner.clone()
         _solve_in_place(lower.mT, inner, upper=True, left=False)  # W
         crossed = _lower_times_strictly_lower_part(lower, inner)  # Q
-        rest = _lower_times_upper_part(weighted, inner).addcmul_(omega, crossed)
-        # Omegabar / 2, its suffix sums sbar / 2, then 2 (sbar / 2) / v + abar / 2, times s.
-        diagonal = inner.diagonal(dim1=-2, dim2=-1)[:, None, :]
-        half_grad_omega = crossed.addcmul_(lower, diagonal, value=0.5).mul_(lower)
-        grad_scaled = _reverse_cumsum(half_grad_omega)
-        grad_variance = torch.addcmul(
-            0.5 * grad_constant.reshape(-1, 1, 1), grad_scaled, inverse, value=2.0
+        rest = _add_weighted_factor_backward(  # R
+            _lower_times_upper_part(weighted, inner),
+            crossed,
+            inner.diagonal(dim1=-2, dim2=-1)[:, None, :],
+            0.5 * grad_constant.reshape(-1, 1, 1),
+            lower,
+            saved,
         )
-        rest.addcmul_(lower, grad_variance.mul_(scaled).cumsum_(-1), value=-1.0)  # R
         if ctx.merged:
             # tril(L^T R - M W), then the factorization's closed-form backward.
             phi = _lower_of_transposed_product_minus(lower, rest, kept, inner)

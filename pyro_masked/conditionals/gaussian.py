@@ -213,6 +213,8 @@ def _lower_of_transposed_product(lower: torch.Tensor, other: torch.Tensor) -> to
     backward passes: it writes into its result, so autograd cannot follow it).
     """
     size = lower.shape[-1]
+    if size <= _PRODUCT_ROWS:  # one block: the plain product, without slicing
+        return torch.matmul(lower.mT, other).tril_()
     out = torch.empty_like(other)
     for start in range(0, size, _PRODUCT_ROWS):
         stop = min(size, start + _PRODUCT_ROWS)
@@ -224,12 +226,15 @@ def _lower_of_transposed_product(lower: torch.Tensor, other: torch.Tensor) -> to
 
 
 def _mirror_lower_triangle(lower: torch.Tensor) -> torch.Tensor:
-    """:math:`A + A^\\top` for lower-triangular ``A`` (zero above the diagonal), in place.
+    """:math:`A + A^\\top` for lower-triangular ``A`` (zero above the diagonal), in place
+    beyond one tile.
 
     Tile by tile, so that the transposed reads stay in cache: several times faster than
     ``A + A.mT`` for large matrices.
     """
     size = lower.shape[-1]
+    if size <= _TILE:  # one tile: a new matrix (exactly symmetric: addition commutes)
+        return lower + lower.mT
     for start in range(0, size, _TILE):
         stop = min(size, start + _TILE)
         for left in range(0, start, _TILE):
@@ -308,6 +313,9 @@ def _gather_symmetric(
     batch, size = matrix.shape[0], matrix.shape[-1]
     num_perms = perms.shape[1]
     full = (batch, num_perms, size, size)
+    if batch * num_perms == 1 and flat is not None and matrix.is_contiguous():
+        out = torch.index_select(matrix.view(-1), 0, flat.view(-1))
+        return out.view(full[1:] if reduce else full)
     if batch * num_perms <= _SELECT_MATRICES:
         out = matrix.new_empty(full)
         for b in range(batch):
@@ -486,20 +494,21 @@ _FORM_COLUMNS = 64
 def _symmetric_quadratic_forms(residuals: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """:math:`e_n^\\top A e_n` for symmetric ``A`` ``(B, D, D)`` and ``residuals`` ``(B, n, D)``.
 
-    With :math:`U` the upper triangle of :math:`A`, off-diagonal entries doubled,
-    :math:`e^\\top A e = e^\\top U e`, and column block :math:`J` of :math:`U` meets only the
-    first :math:`\\max J` coordinates: about :math:`n D^2 / 2` multiply-adds.
+    By column blocks :math:`J`: :math:`e^\\top A e = \\sum_J e_J^\\top (A_{JJ} e_J + 2 A_{J,<J}
+    e_{<J})`, each block meeting only the first :math:`\\max J` coordinates, about
+    :math:`n D^2 / 2` multiply-adds, and no triangle of :math:`A` is copied.
     """
     size = matrix.shape[-1]
     if size <= 2 * _FORM_COLUMNS:
         return ((residuals @ matrix) * residuals).sum(-1)
-    upper = matrix.triu(1).mul_(2.0)
-    upper.diagonal(dim1=-2, dim2=-1).copy_(matrix.diagonal(dim1=-2, dim2=-1))
     out = residuals.new_zeros(residuals.shape[:-1])
     for start in range(0, size, _FORM_COLUMNS):
         stop = min(size, start + _FORM_COLUMNS)
-        projected = residuals[..., :stop] @ upper[..., :stop, start:stop]
-        out += projected.mul_(residuals[..., start:stop]).sum(-1)
+        block = residuals[..., start:stop]
+        projected = block @ matrix[..., start:stop, start:stop]
+        if start > 0:
+            projected.baddbmm_(residuals[..., :start], matrix[..., :start, start:stop], alpha=2.0)
+        out += projected.mul_(block).sum(-1)
     return out
 
 
@@ -512,6 +521,8 @@ def _lower_times_upper_part(lower: torch.Tensor, other: torch.Tensor) -> torch.T
     the matrix): about :math:`D^3/3` multiply-adds.
     """
     size = lower.shape[-1]
+    if size <= _PRODUCT_ROWS:
+        return torch.matmul(lower, other.triu()).tril_()
     out = torch.empty_like(lower)
     for start in range(0, size, _PRODUCT_ROWS):
         stop = min(size, start + _PRODUCT_ROWS)
@@ -532,6 +543,8 @@ def _lower_times_strictly_lower_part(lower: torch.Tensor, other: torch.Tensor) -
     skip the zero blocks (about :math:`D^3/3` multiply-adds), masking only the diagonal blocks
     of :math:`B`; the result is strictly lower triangular."""
     size = lower.shape[-1]
+    if size <= _PRODUCT_ROWS:
+        return torch.matmul(lower, other.tril(-1))
     out = torch.empty_like(lower)
     for start in range(0, size, _PRODUCT_ROWS):
         stop = min(size, start + _PRODUCT_ROWS)
@@ -552,6 +565,8 @@ def _lower_of_transposed_product_minus(
     :math:`\\max I` only: :math:`D^3/2` multiply-adds for :math:`C E` and :math:`D^3/6` for
     :math:`A^\\top B` (see :func:`_lower_of_transposed_product`)."""
     size = lower.shape[-1]
+    if size <= _PRODUCT_ROWS:
+        return torch.baddbmm(torch.matmul(left, right), lower.mT, other, beta=-1.0).tril_()
     out = torch.empty_like(other)
     for start in range(0, size, _PRODUCT_ROWS):
         stop = min(size, start + _PRODUCT_ROWS)

@@ -758,7 +758,7 @@ class _PermutedQuadraticParts(torch.autograd.Function):
         inner = inner.view(-1, size, size)
         # W = L^-1 Bbar L^-T in place: two solves from the right in LAPACK's cheapest layouts.
         _solve_in_place(lower.mT, inner.mT, upper=True, left=False)  # L^-1 Bbar
-        half = None if ctx.merged else inner.clone()
+        half = inner if ctx.merged else inner.clone()  # kept only for the blocked backward
         _solve_in_place(lower.mT, inner, upper=True, left=False)  # W
         crossed = _lower_times_strictly_lower_part(lower, inner)  # Q
         rest = _add_weighted_factor_backward(  # R

@@ -365,7 +365,7 @@ def _same_values(copy: torch.Tensor, data: torch.Tensor) -> bool:
     try:
         # NumPy compares CPU arrays about twice as fast as torch.equal.
         return bool(numpy.array_equal(copy.numpy(), data.numpy()))
-    except TypeError:  # a dtype NumPy lacks (bfloat16)
+    except (TypeError, RuntimeError):  # a dtype NumPy lacks (bfloat16), a lazy view
         return torch.equal(copy, data)
 
 

@@ -101,15 +101,19 @@ def _permuted_parts_by_autograd(covariance, perms, weights):
     return torch.stack(constants).view(-1, num_perms), matrices
 
 
-@pytest.mark.parametrize("tile, part_elements", [(2, 14), (3, 2**15), (128, 10), (128, 2**15)])
+@pytest.mark.parametrize(
+    "tile, part_elements, select", [(2, 14, 64), (3, 2**15, 0), (128, 10, 64), (128, 2**15, 0)]
+)
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("num_perms, shared", [(1, True), (3, True), (2, False)])
 def test_permuted_quadratic_parts_match_autograd_and_gradcheck(
-    monkeypatch, tile, part_elements, blocked, num_perms, shared
+    monkeypatch, tile, part_elements, select, blocked, num_perms, shared
 ):
     monkeypatch.setattr(gaussian, "_PRODUCT_ROWS", tile)
     # Row blocks of the elementwise passes: 2 rows, 1 row, or the whole matrix.
     monkeypatch.setattr(gaussian, "_PART_ELEMENTS", part_elements)
+    # Gathers one matrix at a time by flat indices, or batched.
+    monkeypatch.setattr(gaussian, "_SELECT_MATRICES", select)
     # blocked: the factor's gradient is formed and handed to the blocked Cholesky backward;
     # otherwise the two backward passes are merged.
     monkeypatch.setattr(gaussian, "_BLOCKED_BACKWARD_SIZE", 2 if blocked else 10**9)

@@ -335,8 +335,11 @@ def _gather_symmetric(
     return out.sum(1) if reduce else out
 
 
-def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
-    return x.flip(-1).cumsum(-1).flip(-1)
+def _reverse_cumsum(x: torch.Tensor, square: bool = False) -> torch.Tensor:
+    """Suffix sums along the last dimension (of the squares, with ``square``): prefix sums of
+    the reversed copy, taken in place on it."""
+    flipped = x.flip(-1)
+    return (flipped.square_() if square else flipped).cumsum_(-1).flip(-1)
 
 
 def _row_blocks(size: int, num_vectors: int) -> list[tuple[int, int]]:
@@ -622,7 +625,7 @@ def _weighted_factor(lower: torch.Tensor, weights: torch.Tensor):
     above = lower.new_ones(rows, rows).triu_(1)
     below = 1.0 - above
     if len(blocks) == 1:  # one block: whole matrices, no slicing (small D is overhead-bound)
-        variance = lower.flip(-1).square_().cumsum_(-1).flip(-1).add_(above)
+        variance = _reverse_cumsum(lower, square=True).add_(above)
         inverse = variance.reciprocal()
         scaled = inverse * weights
         omega = scaled.mul_(below).cumsum(-1)
@@ -633,7 +636,7 @@ def _weighted_factor(lower: torch.Tensor, weights: torch.Tensor):
     for start, stop in blocks:
         width = stop - start
         # v_jk = sum_{i >= k} L_ji^2: suffix sums, as prefix sums of the reversed row.
-        variance = lower[:, start:stop, :stop].flip(-1).square_().cumsum_(-1).flip(-1)
+        variance = _reverse_cumsum(lower[:, start:stop, :stop], square=True)
         variance[:, :, start:].add_(above[:width, :width])
         inverse = variance.reciprocal()
         log_totals.append((variance.log_() @ weights[:stop]).sum(-1))
@@ -670,7 +673,7 @@ def _add_weighted_factor_backward(
         block_rest.addcmul_(omega, block_crossed)
         grad_omega = block_crossed.addcmul_(block_lower, diagonal[..., :stop], value=0.5)
         grad_omega.mul_(block_lower)
-        grad_scaled = grad_omega.flip(-1).cumsum_(-1).flip(-1)
+        grad_scaled = _reverse_cumsum(grad_omega)
         grad_variance = torch.addcmul(grad_constant, grad_scaled, inverse, value=2.0)
         block_rest.addcmul_(block_lower, grad_variance.mul_(scaled).cumsum_(-1), value=-1.0)
     return rest
@@ -758,7 +761,8 @@ class _PermutedQuadraticParts(torch.autograd.Function):
         inner = inner.view(-1, size, size)
         # W = L^-1 Bbar L^-T in place: two solves from the right in LAPACK's cheapest layouts.
         _solve_in_place(lower.mT, inner.mT, upper=True, left=False)  # L^-1 Bbar
-        half = inner if ctx.merged else inner.clone()  # kept only for the blocked backward
+        # L^-1 Bbar, kept only for the blocked backward.
+        half = None if ctx.merged else inner.clone()
         _solve_in_place(lower.mT, inner, upper=True, left=False)  # W
         crossed = _lower_times_strictly_lower_part(lower, inner)  # Q
         rest = _add_weighted_factor_backward(  # R
@@ -775,6 +779,7 @@ class _PermutedQuadraticParts(torch.autograd.Function):
             grad = _symmetric_sandwich(lower, phi)
         else:
             # Lbar / 2 = R - L^-T M W = R - B (L^-1 Bbar)^T, then the blocked backward.
+            assert half is not None
             rest.baddbmm_(kept, half.mT, alpha=-1.0)
             grad = _cholesky_backward(lower, rest).mul_(2.0)
         grad = grad.view(batch, num_perms, size, size)
